@@ -1,0 +1,77 @@
+"""Shared fixtures: an easy synthetic classification task written to disk and tiny random-init model configs."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+TINY_MODELS = {
+    "bert": {**TINY, "max_position_embeddings": 64},
+    "roberta": {**TINY, "max_position_embeddings": 66, "type_vocab_size": 1},
+    "deberta-v2": {
+        **TINY,
+        "max_position_embeddings": 64,
+        "relative_attention": True,
+        "position_buckets": 16,
+        "pos_att_type": ["p2c", "c2p"],
+        "type_vocab_size": 0,
+    },
+}
+POSITIVE_WORDS = [f"p{i}" for i in range(20)]
+NEGATIVE_WORDS = [f"n{i}" for i in range(20)]
+
+
+def write_easy_task(path: Path, n: int, seed: int) -> Path:
+    """JSONL rows labelled 'pos' / 'neg' whose words come 80% from the label's own word list (learnable in a few
+    dozen steps by a tiny random model)."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        own, other = (POSITIVE_WORDS, NEGATIVE_WORDS) if positive else (NEGATIVE_WORDS, POSITIVE_WORDS)
+        words = [rng.choice(own if rng.random() < 0.8 else other) for _ in range(rng.randint(4, 12))]
+        lines.append(json.dumps({"text": " ".join(words), "label": "pos" if positive else "neg"}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def easy_task(tmp_path_factory) -> dict[str, Path]:
+    """Train / validation files of the easy cue-word task."""
+    root = tmp_path_factory.mktemp("easy_task")
+    return {
+        "train": write_easy_task(root / "train.jsonl", 256, seed=0),
+        "validation": write_easy_task(root / "validation.jsonl", 64, seed=1),
+    }
+
+
+def tiny_run_overrides(arch: str, task: dict[str, Path], out: Path, **extra: object) -> dict:
+    """A complete config (as a nested dict) for a few steps of a tiny random model on the easy task."""
+    cfg = {
+        "model": {"init": "random", "architecture": arch, "config": dict(TINY_MODELS[arch]), "tokenizer": "word_level"},
+        "data": {"train_file": str(task["train"]), "validation_file": str(task["validation"]), "max_length": 24},
+        "train": {
+            "output_dir": str(out),
+            "epochs": 4,
+            "batch_size": 16,
+            "lr": 3e-3,
+            "warmup_ratio": 0.0,
+            "log_every": 4,
+            "tracker": "none",
+            "progress": False,
+            "seed": 0,
+        },
+        # A tiny random model's token embeddings have norm ~0.1, so the adversary's budget is scaled down with them.
+        "method": {"name": "uegr", "adversary": {"eps": 0.01, "step_size": 0.01}},
+    }
+    for dotted, value in extra.items():
+        node = cfg
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return cfg

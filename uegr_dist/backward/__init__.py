@@ -1,0 +1,29 @@
+"""Backward stage of UEGR: saliency scores, exact top-rho selection (sharding-ready) and the masked optimizer step."""
+
+from uegr_dist.backward.masked_adamw import MaskedAdamW
+from uegr_dist.backward.masking import MASK_KINDS, SCOPES, GradientMasker, MaskStats, keep_count, segment_names
+from uegr_dist.backward.radix_select import (
+    RadixThreshold,
+    TopK,
+    radix_select_threshold,
+    relative_rank,
+    select_top_k,
+)
+from uegr_dist.backward.saliency import SALIENCY_KINDS, SaliencyScorer
+
+__all__ = [
+    "MASK_KINDS",
+    "SALIENCY_KINDS",
+    "SCOPES",
+    "GradientMasker",
+    "MaskStats",
+    "MaskedAdamW",
+    "RadixThreshold",
+    "SaliencyScorer",
+    "TopK",
+    "keep_count",
+    "radix_select_threshold",
+    "relative_rank",
+    "segment_names",
+    "select_top_k",
+]

@@ -1,0 +1,228 @@
+"""UEGR's selective update (DESIGN §1.5): keep the most salient rho fraction of gradient coordinates, zero the rest.
+
+`GradientMasker` scores every covered coordinate (saliency.py), selects per segment (one segment for scope
+"global", one per tensor, or one per transformer layer) and multiplies the gradients by the mask in place. The
+selection itself lives in radix_select.py and takes the collective hooks a sharded (ZeRO) run needs; this class
+is the single-process driver on whole parameters.
+
+Layout: the scores of all covered parameters live in one flat fp32 buffer ordered by segment, then by the
+canonical (optimizer) order, so every segment is contiguous even when the optimizer interleaves layers (decay /
+no-decay groups). Each coordinate's *global position* is its offset in the canonical order of the covered
+parameters; it breaks ties (lowest first) and keys the soft mask's random numbers, so neither depends on layout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+from uegr_dist.backward.radix_select import relative_rank, select_top_k
+from uegr_dist.backward.saliency import SaliencyScorer
+from uegr_dist.rng import keyed_uniform_flat, mix_key
+
+SCOPES = ("global", "per_layer", "per_tensor")
+MASK_KINDS = ("hard", "soft")
+_LAYER = re.compile(r"(?:^|\.)layers?\.\d+(?=\.)")
+_SOFT_MASK_STREAM = 0x6D61736B  # keeps the soft mask's numbers apart from other users of the same seed and step
+
+
+@dataclass
+class MaskStats:
+    """What one `GradientMasker.apply_` kept."""
+
+    kept: int
+    """Covered coordinates kept (updated this step)."""
+    total: int
+    """Covered coordinates."""
+    num_segments: int
+    mean_threshold: float
+    """Hard masks: mean over segments of the smallest kept score (the k-th largest); soft masks: NaN."""
+
+    @property
+    def keep_fraction(self) -> float:
+        """kept / total."""
+        return self.kept / max(self.total, 1)
+
+
+def segment_names(names: Sequence[str], scope: str) -> list[str]:
+    """The segment each parameter name belongs to under `scope` (one string per name).
+
+    "global": one segment. "per_tensor": one per name. "per_layer": parameters of one transformer layer (a name
+    containing `layer.<i>.` or `layers.<i>.`) share the segment named by the prefix up to the index, e.g.
+    "roberta.encoder.layer.3"; every other parameter belongs to its shortest module prefix that contains no layer,
+    e.g. "roberta.embeddings", "roberta.pooler", "classifier" (a top-level parameter: its own name).
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "global":
+        return ["global"] * len(names)
+    if scope == "per_tensor":
+        return list(names)
+    layers = [_LAYER.search(name) for name in names]
+    containers = set()
+    for match in layers:
+        if match is not None:
+            stack = match.string[: match.end()].split(".")[:-1]  # path up to "layer", without the index
+            containers.update(".".join(stack[:i]) for i in range(1, len(stack) + 1))
+    segments = []
+    for name, match in zip(names, layers):
+        if match is not None:
+            segments.append(name[: match.end()])
+            continue
+        parts = name.split(".")
+        prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        segments.append(next(prefix for prefix in prefixes if prefix not in containers))
+    return segments
+
+
+def keep_count(ratio: float, numel: int) -> int:
+    """k = max(1, ceil(ratio * numel)) (0 for an empty segment), with ratio read as the decimal it prints as."""
+    # Fraction(str(...)) makes ceil(0.3 * 10) = 3, where float arithmetic gives ceil(3.0000000000000004) = 4.
+    return min(numel, max(1, math.ceil(Fraction(str(float(ratio))) * numel)))
+
+
+class GradientMasker:
+    """Saliency top-rho gradient mask over named parameters (hard top-k or RoAST-style soft Bernoulli mask).
+
+    named_params: in the canonical (optimizer) order. Parameters matching an `exclude` regex (`re.search` on the
+    name) or with requires_grad False are never masked. ratio: rho in (0, 1]; every segment keeps
+    max(1, ceil(rho * size)) coordinates (hard) or about that fraction in expectation (soft, see below).
+    kind "soft": relative rank r in [0, 1] within the segment (1 = most salient; 16-bit radix resolution, see
+    `relative_rank`), keep probability sigmoid(2 * soft_temperature * (r - (1 - ratio))), Bernoulli draws keyed
+    by (seed, step, global position) so they are reproducible and independent of sharding. No 1/p rescaling.
+    Equal scores share their mean rank instead of being ordered arbitrarily, so a segment with many exact ties (zero
+    gradients of unused embedding rows) keeps fewer than rho of its coordinates in expectation; hard masks keep
+    exactly k, splitting ties by position.
+    """
+
+    def __init__(
+        self,
+        named_params: Sequence[tuple[str, torch.nn.Parameter]],
+        *,
+        ratio: float = 0.3,
+        scope: str = "global",
+        kind: str = "hard",
+        saliency: str = "taylor",
+        ema_beta: float = 0.9,
+        soft_temperature: float = 10.0,
+        exclude: Sequence[str] = (),
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        if kind not in MASK_KINDS:
+            raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
+        if not soft_temperature > 0.0:
+            raise ValueError(f"soft_temperature must be > 0, got {soft_temperature}")
+        patterns = []
+        for pattern in exclude:
+            try:
+                patterns.append(re.compile(pattern))
+            except re.error as error:
+                raise ValueError(f"exclude pattern {pattern!r} is not a valid regex: {error}") from error
+        self.ratio, self.scope, self.kind = ratio, scope, kind
+        self.soft_temperature, self.seed = soft_temperature, seed
+        self.scorer = SaliencyScorer(saliency, ema_beta=ema_beta)
+
+        if len({id(param) for _, param in named_params}) != len(named_params):
+            raise ValueError("named_params lists the same parameter twice")
+        covered = [
+            (name, param)
+            for name, param in named_params
+            if param.requires_grad and not any(p.search(name) for p in patterns)
+        ]
+        if not covered:
+            raise ValueError("no parameter to mask: every parameter is excluded or frozen")
+        devices = {param.device for _, param in covered}
+        if len(devices) > 1:
+            raise ValueError(f"all masked parameters must be on one device, got {sorted(map(str, devices))}")
+        self.device = devices.pop()
+
+        canonical_starts = [0]
+        for _, param in covered:
+            canonical_starts.append(canonical_starts[-1] + param.numel())
+        segments = segment_names([name for name, _ in covered], scope)
+        segment_order = {segment: i for i, segment in enumerate(dict.fromkeys(segments))}
+        layout = sorted(range(len(covered)), key=lambda i: (segment_order[segments[i]], i))
+        self.names = [covered[i][0] for i in layout]
+        self.params = [covered[i][1] for i in layout]
+
+        sizes = [0] * len(segment_order)
+        runs = []
+        start = 0
+        for i in layout:
+            runs.append((start, canonical_starts[i]))
+            sizes[segment_order[segments[i]]] += covered[i][1].numel()
+            start += covered[i][1].numel()
+        self.total = start
+        # Selection metadata: segment boundaries [S+1] and keep counts [S] in the layout, (layout start, canonical
+        # start) per parameter [P, 2].
+        self.segment_offsets = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int64, device=self.device)
+        self.k = torch.tensor([keep_count(ratio, size) for size in sizes], dtype=torch.int64, device=self.device)
+        self.position_runs = torch.tensor(runs, dtype=torch.int64, device=self.device)
+        self.scores = torch.zeros(self.total, dtype=torch.float32, device=self.device)
+        self.score_views = self._views(self.scores)
+        self._mask: torch.Tensor | None = None
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a flat [N] buffer shaped like each covered parameter, in layout order."""
+        views, start = [], 0
+        for param in self.params:
+            views.append(flat[start : start + param.numel()].view(param.shape))
+            start += param.numel()
+        return views
+
+    @torch.no_grad()
+    def apply_(self, step: int) -> MaskStats:
+        """Score the current gradients, build this step's mask and zero the gradients of the dropped coordinates."""
+        grads = [param.grad for param in self.params]
+        scores = self.scorer.score_(self.scores, self.score_views, self.params, grads)
+        if self.kind == "hard":
+            keep, thresholds = select_top_k(scores, self.segment_offsets, self.k, position_runs=self.position_runs)
+            mean_threshold = float(thresholds.threshold.nanmean())
+        else:
+            keep = self._soft_mask(scores, step)
+            mean_threshold = math.nan
+        self._mask = keep
+        masked = [(grad, view) for grad, view in zip(grads, self._views(keep)) if grad is not None]
+        if masked:
+            torch._foreach_mul_([grad for grad, _ in masked], [view for _, view in masked])
+        return MaskStats(int(keep.count_nonzero()), self.total, self.k.numel(), mean_threshold)
+
+    def _soft_mask(self, scores: torch.Tensor, step: int) -> torch.Tensor:
+        """Bernoulli(sigmoid(2 T (rank - (1 - ratio)))) keep mask (bool [N]), keyed by (seed, step, position)."""
+        keep_prob = relative_rank(scores, self.segment_offsets)
+        keep_prob.sub_(1.0 - self.ratio).mul_(2.0 * self.soft_temperature).sigmoid_()
+        key = mix_key(self.seed, _SOFT_MASK_STREAM, step)
+        keep = torch.empty(self.total, dtype=torch.bool, device=self.device)
+        sizes = [param.numel() for param in self.params]
+        for (start, position), size in zip(self.position_runs.tolist(), sizes):
+            uniform = keyed_uniform_flat(key, position, size, device=self.device)
+            torch.lt(uniform, keep_prob[start : start + size], out=keep[start : start + size])
+        return keep
+
+    def update_masks(self) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """Bool keep mask per covered parameter (shaped like it; views into one flat buffer) from the last apply_."""
+        if self._mask is None:
+            raise RuntimeError("update_masks() needs a mask: call apply_(step) first")
+        return dict(zip(self.params, self._views(self._mask)))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Covered parameter names (layout order) and the saliency state (the fisher_ema buffer)."""
+        return {"names": list(self.names), "saliency": self.scorer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; the covered parameters and their order must match."""
+        if list(state["names"]) != self.names:
+            raise ValueError(
+                f"masker state covers {len(state['names'])} parameters that differ from this masker's "
+                f"{len(self.names)} (names or order); build the masker with the same parameters, scope and exclude"
+            )
+        self.scorer.load_state_dict(state["saliency"])

@@ -1,0 +1,83 @@
+"""Per-coordinate parameter saliency (DESIGN §1.4), written with fused ops into one preallocated flat fp32 buffer.
+
+Kinds: "taylor" s = |theta * g| (first-order Taylor estimate of the loss change when the coordinate is removed,
+the default), "grad_sq" s = g^2, "fisher_ema" s = EMA over steps of g^2 (an empirical Fisher diagonal, as RoAST and
+ChildTuning-D use). The caller owns the layout: it hands in fp32 views (one per tensor) that tile a flat buffer, in
+order; that way the same code scores a model's parameters in one process and a ZeRO rank's flat shard later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+SALIENCY_KINDS = ("taylor", "grad_sq", "fisher_ema")
+
+
+class SaliencyScorer:
+    """Scores of one kind; for "fisher_ema" also the EMA state (a flat fp32 buffer, zero-initialised)."""
+
+    def __init__(self, kind: str = "taylor", *, ema_beta: float = 0.9) -> None:
+        if kind not in SALIENCY_KINDS:
+            raise ValueError(f"saliency must be one of {SALIENCY_KINDS}, got {kind!r}")
+        if not 0.0 <= ema_beta < 1.0:
+            raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta}")
+        self.kind = kind
+        self.ema_beta = ema_beta
+        # The zero start biases early EMAs low by the same factor everywhere, which no ranking can see, so there
+        # is no bias correction.
+        self.ema: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def score_(
+        self,
+        flat: torch.Tensor,
+        views: Sequence[torch.Tensor],
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor | None],
+    ) -> torch.Tensor:
+        """Saliency (float32 [N]) of every coordinate; views[i] (shaped like params[i]) tile flat [N] in order.
+
+        `flat` is overwritten and returned, except for "fisher_ema", which returns its EMA buffer. A missing
+        gradient (None) scores 0.
+        """
+        if sum(view.numel() for view in views) != flat.numel():
+            raise ValueError(f"views must tile the flat buffer: {sum(v.numel() for v in views)} != {flat.numel()}")
+        present = [i for i, grad in enumerate(grads) if grad is not None]
+        missing = [views[i] for i, grad in enumerate(grads) if grad is None]
+        if missing:
+            torch._foreach_zero_(missing)
+        if present:
+            targets = [views[i] for i in present]
+            present_grads = [grads[i] for i in present]
+            if self.kind == "taylor":
+                torch._foreach_copy_(targets, [params[i] for i in present])
+                torch._foreach_mul_(targets, present_grads)
+            else:
+                torch._foreach_copy_(targets, present_grads)
+        # The views tile `flat`, so the element-wise rest is one op over the whole buffer.
+        if self.kind == "taylor":
+            return flat.abs_()
+        flat.square_()
+        if self.kind == "grad_sq":
+            return flat
+        if self.ema is None:
+            self.ema = torch.zeros_like(flat)
+        elif self.ema.shape != flat.shape:
+            raise ValueError(f"fisher_ema state has {self.ema.numel()} entries, the scores have {flat.numel()}")
+        self.ema = self.ema.to(flat.device)
+        return self.ema.lerp_(flat, 1.0 - self.ema_beta)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Kind, beta and the EMA buffer (None until the first fisher_ema step)."""
+        return {"kind": self.kind, "ema_beta": self.ema_beta, "ema": None if self.ema is None else self.ema.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; the kind must match."""
+        if state["kind"] != self.kind:
+            raise ValueError(f"saliency state is for kind {state['kind']!r}, this scorer is {self.kind!r}")
+        self.ema_beta = float(state["ema_beta"])
+        ema = state["ema"]
+        self.ema = None if ema is None else ema.detach().to(torch.float32).clone()

@@ -1,0 +1,158 @@
+"""Typed configuration of a run: model, data, training loop and method (UEGR and its ablations).
+
+Every field carries its constraints in `metadata` (choices, bounds); `uegr_dist.config.loading` checks them when the
+config is built, so a wrong value fails at start-up with the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def choice(default: str, *options: str, doc: str = "") -> Any:
+    """A string field restricted to `options`."""
+    return field(default=default, metadata={"choices": options, "doc": doc})
+
+
+def bounded(
+    default: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    doc: str = "",
+) -> Any:
+    """A numeric field restricted to an interval (open or closed ends)."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    """Which network to fine-tune and how to build it."""
+
+    name_or_path: str = "roberta-base"
+    """Hub id, local folder, or `package:<python package>/<folder>` for weights shipped inside a pip package."""
+    init: str = choice("pretrained", "pretrained", "random", doc="random: build from `architecture` + `config`")
+    architecture: str | None = None
+    """transformers model_type for init=random (bert, roberta, deberta-v2, ...)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the transformers config (e.g. hidden_size for a tiny random model)."""
+    tokenizer: str | None = None
+    """Tokenizer path or Hub id (default: name_or_path); `word_level` builds one from the training texts."""
+    attn_implementation: str | None = choice(None, "eager", "sdpa", doc="None = the model's default")  # type: ignore[arg-type]
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Local training / validation files and their columns."""
+
+    train_file: str | None = None
+    validation_file: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    regression: bool = False
+    max_length: int = bounded(128, 8, 4096)
+    validation_ratio: float = bounded(0.1, 0.0, 0.9, lo_open=True)
+    max_train_samples: int | None = bounded(None, 1)
+    max_eval_samples: int | None = bounded(None, 1)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    output_dir: str = "outputs/run"
+    seed: int = 42
+    epochs: float = bounded(3.0, 0.0, lo_open=True)
+    max_steps: int | None = bounded(None, 1)
+    """Stop after this many optimizer steps (overrides epochs)."""
+    batch_size: int = bounded(32, 1)
+    """Per-process micro-batch size."""
+    eval_batch_size: int = bounded(64, 1)
+    grad_accum: int = bounded(1, 1)
+    lr: float = bounded(2e-5, 0.0, lo_open=True)
+    weight_decay: float = bounded(0.01, 0.0)
+    warmup_ratio: float = bounded(0.06, 0.0, 1.0)
+    lr_schedule: str = choice("linear", "linear", "constant", "cosine")
+    max_grad_norm: float = bounded(1.0, 0.0)
+    """0 disables clipping. Clipping sees the masked gradient."""
+    mixed_precision: str = choice("no", "no", "bf16", "fp16")
+    eval_every_epoch: bool = True
+    log_every: int = bounded(10, 1)
+    tracker: str = choice("tensorboard", "tensorboard", "none")
+    progress: bool = True
+    save_model: bool = True
+    overwrite: bool = False
+    """Allow writing into an output_dir that already holds a finished run."""
+
+
+@dataclass
+class DropoutConfig:
+    """The K adaptive-dropout sub-models (DESIGN §1.2)."""
+
+    k: int = bounded(2, 1, 8)
+    p_min: float = bounded(0.05, 0.0, 0.95)
+    p_max: float = bounded(0.3, 0.0, 0.95)
+    schedule: str = choice("redraw", "fixed", "redraw", "adaptive")
+    target_js: float = bounded(0.05, 0.0)
+    gain: float = bounded(0.5, 0.0)
+
+
+@dataclass
+class AdversaryConfig:
+    """Embedding-space adversary (DESIGN §1.1)."""
+
+    steps: int = bounded(1, 0, 20)
+    eps: float = bounded(1.0, 0.0)
+    step_size: float = bounded(1.0, 0.0)
+    norm: str = choice("l2", "l2", "linf")
+    init_scale: float = bounded(0.01, 0.0)
+
+
+@dataclass
+class MaskConfig:
+    """Saliency scores and the top-rho gradient mask (DESIGN §1.4-5)."""
+
+    enabled: bool = True
+    ratio: float = bounded(0.3, 0.0, 1.0, lo_open=True)
+    scope: str = choice("global", "global", "per_layer", "per_tensor")
+    kind: str = choice("hard", "hard", "soft")
+    saliency: str = choice("taylor", "taylor", "grad_sq", "fisher_ema")
+    ema_beta: float = bounded(0.9, 0.0, 1.0, hi_open=True)
+    soft_temperature: float = bounded(10.0, 0.0, lo_open=True)
+    exclude: list[str] = field(default_factory=list)
+    """Regexes on parameter names that are always updated (e.g. `classifier`)."""
+
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method and its hyper-parameters."""
+
+    name: str = choice("uegr", "uegr", "vanilla")
+    alpha: float = bounded(1.0, 0.0)
+    """Weight of the adversarial cross-entropy of the sub-models."""
+    beta: float = bounded(1.0, 0.0)
+    """Weight of the JS consistency term (variance for regression)."""
+    rng: str = choice(
+        "fast",
+        "fast",
+        "keyed",
+        doc="keyed: dropout/adversary noise keyed by sample id (reproducible across process counts)",
+    )
+    dropout: DropoutConfig = field(default_factory=DropoutConfig)
+    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)

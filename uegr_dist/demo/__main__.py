@@ -1,0 +1,7 @@
+"""`python -m uegr_dist.demo` == `uegr-demo`."""
+
+import sys
+
+from uegr_dist.demo.run import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The training engine (loop, accelerator set-up)."""

@@ -1,0 +1,257 @@
+"""The training loop: Accelerate + a pluggable method. Reads top to bottom like accelerate's NLP example, with the
+UEGR stages as two named calls (`method.loss`, `method.transform_gradients`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from uegr_dist.backward import MaskedAdamW
+from uegr_dist.config import Config, ConfigError, config_to_dict
+from uegr_dist.data.text_classification import PaddingCollator, TaskData, load_text_classification, read_table
+from uegr_dist.evaluation import classification_metrics, regression_metrics
+from uegr_dist.methods import Method, MethodContext, build_method, model_inputs
+from uegr_dist.modeling import load_model, load_tokenizer
+from uegr_dist.modeling.loading import WORD_LEVEL
+
+RUN_OUTPUTS = ("metrics.json", "config.yaml", "model.safetensors")
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (also written to metrics.json)."""
+
+    metrics: dict[str, Any]
+    output_dir: Path
+
+
+def _check_output_dir(cfg: Config) -> Path:
+    out = Path(cfg.train.output_dir)
+    existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if existing and not cfg.train.overwrite:
+        raise ConfigError(
+            f"train.output_dir = {str(out)!r} already holds a run ({', '.join(existing)}); "
+            "choose another directory or pass --train.overwrite true"
+        )
+    return out
+
+
+def _optimizer(model: torch.nn.Module, cfg: Config) -> MaskedAdamW:
+    """AdamW (masked-coordinate aware) with the usual no-decay group for biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layernorm" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return MaskedAdamW(groups, lr=cfg.train.lr)
+
+
+def _named_in_optimizer_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, Any]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(names[id(p)], p) for group in optimizer.param_groups for p in group["params"]]
+
+
+def load_task(cfg: Config) -> tuple[Any, TaskData]:
+    """Tokenizer and tokenized data for the run (a word-level tokenizer is trained on the training texts)."""
+    texts = None
+    if (cfg.model.tokenizer or cfg.model.name_or_path) == WORD_LEVEL and cfg.data.train_file:
+        table = read_table(cfg.data.train_file)
+        columns = [c for c in (cfg.data.text_column, cfg.data.text_pair_column) if c and c in table.column_names]
+        texts = [str(t) for c in columns for t in table[c]]
+    tokenizer = load_tokenizer(cfg.model, texts)
+    return tokenizer, load_text_classification(cfg.data, tokenizer, cfg.train.seed)
+
+
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader, task: TaskData) -> dict[str, float]:
+    """Metrics over the whole validation split (gathered across processes without duplicates)."""
+    model.eval()
+    preds, labels = [], []
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(**model_inputs(batch)).logits
+            out = logits[:, 0] if task.regression else logits.argmax(dim=-1)
+            out, lab = accelerator.gather_for_metrics((out, batch["labels"]))
+            preds.append(out.float().cpu().numpy())
+            labels.append(lab.float().cpu().numpy())
+    model.train()
+    p, y = np.concatenate(preds), np.concatenate(labels)
+    if task.regression:
+        return regression_metrics(p, y)
+    return classification_metrics(p.astype(np.int64), y.astype(np.int64), task.num_labels)
+
+
+def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
+    """Fine-tune `cfg.model` on `cfg.data` with `cfg.method`; write model, tokenizer, metrics.json, config.yaml."""
+    out = _check_output_dir(cfg)
+    accelerator = accelerator or Accelerator(
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
+        project_dir=str(out),
+    )
+    set_seed(cfg.train.seed)
+    tokenizer, task = load_task(cfg)
+    model = load_model(cfg.model, tokenizer, task.num_labels, task.id2label, cfg.train.seed)
+
+    collate = PaddingCollator(tokenizer, task.regression)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    train_loader = DataLoader(
+        task.train, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate, generator=generator
+    )
+    eval_loader = DataLoader(task.validation, batch_size=cfg.train.eval_batch_size, collate_fn=collate)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+
+    optimizer = _optimizer(model, cfg)
+    scheduler = get_scheduler(
+        cfg.train.lr_schedule,
+        optimizer,
+        num_warmup_steps=int(cfg.train.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler
+    )
+    method: Method = build_method(cfg.method)
+    method.setup(
+        MethodContext(
+            model=model,
+            base_model=accelerator.unwrap_model(model),
+            optimizer=optimizer,
+            named_parameters=_named_in_optimizer_order(accelerator.unwrap_model(model), optimizer),
+            seed=cfg.train.seed,
+            num_processes=accelerator.num_processes,
+            reduce_mean=lambda x: accelerator.reduce(torch.tensor(x, device=accelerator.device), "mean").item(),
+        )
+    )
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    if cfg.train.tracker != "none":
+        accelerator.init_trackers("uegr", config=_flat_hparams(cfg))
+
+    history: list[dict[str, Any]] = []
+    losses: list[dict[str, float]] = []
+    samples = tokens = 0
+    train_seconds = 0.0
+    step = micro_step = epoch = 0
+    progress = tqdm(
+        total=total_steps,
+        desc=f"{cfg.method.name}",
+        disable=not (accelerator.is_local_main_process and cfg.train.progress),
+    )
+    model.train()
+    window_loss: list[float] = []
+    while step < total_steps:
+        for batch in train_loader:
+            tic = time.perf_counter()
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    result = method.loss(model, batch, step, micro_step)
+                accelerator.backward(result.loss)
+                logs: dict[str, float] = {}
+                if accelerator.sync_gradients:
+                    logs = method.transform_gradients(step)
+                    if cfg.train.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            window_loss.append(result.loss.item())
+            if step > 0:
+                # The first optimizer step (allocations, lazy init) is left out of the throughput window.
+                train_seconds += time.perf_counter() - tic
+                samples += batch["labels"].shape[0]
+                tokens += int(batch["attention_mask"].sum())
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                entry = {"step": step, "loss": float(np.mean(window_loss)), **result.logs, **logs}
+                entry["lr"] = scheduler.get_last_lr()[0]
+                losses.append(entry)
+                window_loss = []
+                progress.set_postfix(loss=f"{entry['loss']:.4f}")
+                accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=step)
+            if step >= total_steps:
+                break
+        epoch += 1
+        if cfg.train.eval_every_epoch or step >= total_steps:
+            metrics = evaluate(accelerator, model, eval_loader, task)
+            history.append({"epoch": epoch, "step": step, **metrics})
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            if accelerator.is_local_main_process and cfg.train.progress:
+                progress.write(f"epoch {epoch} step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    progress.close()
+    if not history or history[-1]["step"] != step:
+        metrics = evaluate(accelerator, model, eval_loader, task)
+        history.append({"epoch": epoch, "step": step, **metrics})
+
+    totals = accelerator.reduce(torch.tensor([samples, tokens], dtype=torch.float64, device=accelerator.device), "sum")
+    seconds = accelerator.reduce(torch.tensor(train_seconds, device=accelerator.device), "mean").item()
+    method.teardown()
+    summary = {
+        "method": cfg.method.name,
+        "eval": history,
+        "final": {k: v for k, v in history[-1].items() if k not in ("epoch", "step")},
+        "train_loss": losses,
+        "train": {
+            "steps": step,
+            "num_processes": accelerator.num_processes,
+            "seconds": seconds,
+            "samples_per_second": float(totals[0]) / seconds if seconds > 0 else float("nan"),
+            "tokens_per_second": float(totals[1]) / seconds if seconds > 0 else float("nan"),
+        },
+    }
+    accelerator.wait_for_everyone()
+    if cfg.train.save_model:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(
+            out,
+            is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save,
+            state_dict=accelerator.get_state_dict(model),
+        )
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(out)
+    if accelerator.is_main_process:
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    accelerator.end_training()
+    return RunResult(summary, out)
+
+
+def _flat_hparams(cfg: Config) -> dict[str, Any]:
+    """Scalar hyper-parameters for the tracker (TensorBoard accepts only scalars and strings)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            elif isinstance(value, (int, float, str, bool)):
+                flat[f"{prefix}{key}"] = value
+            elif value is not None:
+                flat[f"{prefix}{key}"] = str(value)
+
+    walk("", config_to_dict(cfg))
+    return flat

@@ -1,0 +1,16 @@
+"""Forward stage of UEGR: adversarial embeddings, per-chunk dropout sub-models, their divergence and rate schedule."""
+
+from uegr_dist.forward.adversary import perturb_embeddings
+from uegr_dist.forward.chunk_dropout import ChunkDropoutController, ChunkedDropout, install_chunk_dropout
+from uegr_dist.forward.divergence import js_divergence, prediction_variance
+from uegr_dist.forward.dropout_schedule import DropoutRateSchedule
+
+__all__ = [
+    "ChunkDropoutController",
+    "ChunkedDropout",
+    "DropoutRateSchedule",
+    "install_chunk_dropout",
+    "js_divergence",
+    "perturb_embeddings",
+    "prediction_variance",
+]

@@ -1,0 +1,77 @@
+"""What every fine-tuning method plugs into the training loop: an objective and a gradient transform."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NON_MODEL_KEYS = ("labels", "sample_id")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without the keys the model must not see (labels, sample ids)."""
+    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits [B, C], labels [B] -> mean cross-entropy; C == 1 means regression (MSE on logits[:, 0])."""
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits[:, 0].float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+@dataclass
+class StepOutput:
+    """One micro-batch's training loss, the clean logits [B, C] and detached scalars to log."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MethodContext:
+    """What the loop hands a method at set-up: the (possibly wrapped) model, its unwrapped module, the optimizer."""
+
+    model: nn.Module
+    base_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    named_parameters: list[tuple[str, nn.Parameter]]
+    """Trainable parameters in optimizer order (the canonical order of the gradient mask)."""
+    seed: int
+    num_processes: int = 1
+    reduce_mean: Any = None
+    """Callable float -> float averaging a scalar over processes (identity in one process)."""
+
+
+class Method:
+    """A fine-tuning method: `loss` is the objective of one micro-batch, `transform_gradients` runs after the
+    (accumulated, reduced) backward and before the optimizer step. Subclasses override what they change."""
+
+    name = "base"
+
+    def setup(self, ctx: MethodContext) -> None:
+        """Called once after `accelerator.prepare`."""
+        self.ctx = ctx
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, micro_step: int) -> StepOutput:
+        """The training objective for one micro-batch (step = optimizer step index, micro_step = batch index)."""
+        raise NotImplementedError
+
+    def transform_gradients(self, step: int) -> dict[str, float]:
+        """Modify `.grad` in place before the optimizer step; return scalars to log."""
+        return {}
+
+    def teardown(self) -> None:
+        """Undo model changes made in `setup` (before saving the model)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state that a checkpoint must carry."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`."""
