@@ -88,6 +88,8 @@ class TrainConfig:
     save_model: bool = True
     overwrite: bool = False
     """Allow writing into an output_dir that already holds a finished run."""
+    collective_timeout: int = bounded(600, 10)
+    """Seconds a collective may wait for a peer before the job fails (a crashed rank must not hang the others)."""
 
 
 @dataclass
@@ -107,8 +109,8 @@ class AdversaryConfig:
     """Embedding-space adversary (DESIGN §1.1)."""
 
     steps: int = bounded(1, 0, 20)
-    eps: float = bounded(1.0, 0.0)
-    step_size: float = bounded(1.0, 0.0)
+    eps: float = bounded(0.1, 0.0)
+    step_size: float = bounded(0.1, 0.0)
     norm: str = choice("l2", "l2", "linf")
     init_scale: float = bounded(0.01, 0.0)
 

@@ -22,6 +22,7 @@ from transformers import get_scheduler
 from uegr_dist.backward import MaskedAdamW
 from uegr_dist.config import Config, ConfigError, config_to_dict
 from uegr_dist.data.text_classification import PaddingCollator, TaskData, load_text_classification, read_table
+from uegr_dist.engine.distributed import build_accelerator
 from uegr_dist.evaluation import classification_metrics, regression_metrics
 from uegr_dist.methods import Method, MethodContext, build_method, model_inputs
 from uegr_dist.modeling import load_model, load_tokenizer
@@ -100,12 +101,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoade
 def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
     """Fine-tune `cfg.model` on `cfg.data` with `cfg.method`; write model, tokenizer, metrics.json, config.yaml."""
     out = _check_output_dir(cfg)
-    accelerator = accelerator or Accelerator(
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
-        project_dir=str(out),
-    )
+    accelerator = accelerator or build_accelerator(cfg)
     set_seed(cfg.train.seed)
     tokenizer, task = load_task(cfg)
     model = load_model(cfg.model, tokenizer, task.num_labels, task.id2label, cfg.train.seed)
@@ -116,15 +112,18 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
         task.train, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate, generator=generator
     )
     eval_loader = DataLoader(task.validation, batch_size=cfg.train.eval_batch_size, collate_fn=collate)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
+    # Optimizer steps per process: the prepared loader gives each process 1 / num_processes of the batches.
+    batches_per_process = math.ceil(len(train_loader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
 
     optimizer = _optimizer(model, cfg)
+    # The prepared scheduler advances num_processes times per optimizer step (accelerate's convention).
     scheduler = get_scheduler(
         cfg.train.lr_schedule,
         optimizer,
-        num_warmup_steps=int(cfg.train.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
+        num_warmup_steps=int(cfg.train.warmup_ratio * total_steps) * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
     )
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
