@@ -60,6 +60,7 @@ def check_world_size(accelerator: Accelerator) -> None:
     if sharded != launched:
         raise DistributedSetupError(
             f"the launcher started {launched} processes (WORLD_SIZE) but the Accelerator sees "
-            f"{sharded} data-parallel process(es) ({accelerator.distributed_type}): every process would train on all the data. On CPU use the gloo backend "
-            "and do not pass --cpu with DeepSpeed (see configs/accelerate/cpu-2proc-*.yaml)."
+            f"{sharded} data-parallel process(es) ({accelerator.distributed_type}): every process would train on "
+            "all the data. On CPU use the gloo backend and do not pass --cpu with DeepSpeed "
+            "(see configs/accelerate/cpu-2proc-*.yaml)."
         )
