@@ -28,23 +28,33 @@ def process_group_backend() -> str:
 def build_accelerator(cfg: Config) -> Accelerator:
     """Accelerator for this run, with the right backend and a bounded collective timeout; checks the world size."""
     backend = process_group_backend()
+    # DeepSpeed always needs a process group, even for one process.
+    distributed = launched_processes() > 1 or deepspeed_requested()
     if backend == "gloo":
         # Read by DeepSpeed when it first picks its accelerator; harmless when DeepSpeed is not used.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     accelerator = Accelerator(
         # accelerate makes CPU processes data-parallel (MULTI_CPU) only with cpu=True, but cpu=True silently turns
-        # DeepSpeed off: so ask for it exactly when running on CPU without DeepSpeed.
-        cpu=backend == "gloo" and not deepspeed_requested(),
+        # DeepSpeed off: so ask for it exactly when several CPU processes run without DeepSpeed.
+        cpu=backend == "gloo" and not deepspeed_requested() and distributed,
         gradient_accumulation_steps=cfg.train.grad_accum,
         mixed_precision=cfg.train.mixed_precision,
         log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
         project_dir=cfg.train.output_dir,
+        # A single process gets no process group (accelerate would ask an uninitialised group for its size).
         kwargs_handlers=[
             InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.train.collective_timeout))
-        ],
+        ]
+        if distributed
+        else [],
     )
     check_world_size(accelerator)
     return accelerator
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (WORLD_SIZE; 1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def deepspeed_requested() -> bool:
@@ -55,7 +65,7 @@ def deepspeed_requested() -> bool:
 def check_world_size(accelerator: Accelerator) -> None:
     """Fail if the launcher started more processes than the Accelerator shards data over (each would train on all
     the data and the replicas would silently diverge)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_processes()
     sharded = accelerator.num_processes if accelerator.distributed_type != DistributedType.NO else 1
     if sharded != launched:
         raise DistributedSetupError(
