@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,14 +12,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig
 
 from uegr_dist.forward import perturb_embeddings
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls run faster on one thread than split over two (and do not fight parallel test processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_task() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -39,13 +38,7 @@ CONFIGS = {
 ARCH_IMPL = [("bert", "sdpa"), ("bert", "eager"), ("roberta", "sdpa"), ("roberta", "eager"), ("deberta-v2", "eager")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls run faster on one thread than split over two (and do not fight parallel test processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(arch: str, impl: str | None = None, **config_kwargs: object) -> nn.Module:

@@ -17,13 +17,7 @@ from uegr_dist.methods import UEGR, MethodContext
 from uegr_dist.methods.uegr import stacked_row_keys
 from uegr_dist.rng import mix_key
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(arch: str, num_labels: int = 3, seed: int = 0):
