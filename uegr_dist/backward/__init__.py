@@ -10,6 +10,7 @@ from uegr_dist.backward.radix_select import (
     select_top_k,
 )
 from uegr_dist.backward.saliency import SALIENCY_KINDS, SaliencyScorer
+from uegr_dist.backward.zero_masking import ZeroGradientMasker, configure_deepspeed_clipping, is_deepspeed_engine
 
 __all__ = [
     "MASK_KINDS",
@@ -21,6 +22,9 @@ __all__ = [
     "RadixThreshold",
     "SaliencyScorer",
     "TopK",
+    "ZeroGradientMasker",
+    "configure_deepspeed_clipping",
+    "is_deepspeed_engine",
     "keep_count",
     "radix_select_threshold",
     "relative_rank",

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from uegr_dist.backward.radix_select import relative_rank, select_top_k
+from uegr_dist.backward.radix_select import AllReduceSum, relative_rank, select_top_k
 from uegr_dist.backward.saliency import SaliencyScorer
 from uegr_dist.rng import keyed_uniform_flat, mix_key
 
@@ -88,6 +88,66 @@ def keep_count(ratio: float, numel: int) -> int:
     return min(numel, max(1, math.ceil(Fraction(str(float(ratio))) * numel)))
 
 
+def check_mask_options(ratio: float, kind: str, soft_temperature: float) -> None:
+    """Fail with the value and what is allowed when a mask option is out of range."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if kind not in MASK_KINDS:
+        raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
+    if not soft_temperature > 0.0:
+        raise ValueError(f"soft_temperature must be > 0, got {soft_temperature}")
+
+
+def covered_parameters(
+    named_params: Sequence[tuple[str, torch.nn.Parameter]], exclude: Sequence[str]
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """The (name, parameter) pairs a mask covers, in the given order: trainable and matching no `exclude` regex."""
+    patterns = []
+    for pattern in exclude:
+        try:
+            patterns.append(re.compile(pattern))
+        except re.error as error:
+            raise ValueError(f"exclude pattern {pattern!r} is not a valid regex: {error}") from error
+    if len({id(param) for _, param in named_params}) != len(named_params):
+        raise ValueError("named_params lists the same parameter twice")
+    covered = [
+        (name, param)
+        for name, param in named_params
+        if param.requires_grad and not any(p.search(name) for p in patterns)
+    ]
+    if not covered:
+        raise ValueError("no parameter to mask: every parameter is excluded or frozen")
+    return covered
+
+
+def soft_keep_mask(
+    scores: torch.Tensor,
+    segment_offsets: torch.Tensor,
+    position_runs: torch.Tensor,
+    run_sizes: Sequence[int],
+    ratio: float,
+    soft_temperature: float,
+    seed: int,
+    step: int,
+    *,
+    all_reduce_sum: AllReduceSum | None = None,
+) -> torch.Tensor:
+    """Soft keep mask (bool [n]) of scores [n]: Bernoulli(sigmoid(2 T (rank - (1 - ratio)))), keyed by position.
+
+    position_runs [R, 2] (local start, global start) with run_sizes [R] elements each cover scores; the uniform
+    numbers are keyed by (seed, step, global position), so a shard draws what one process draws for the same
+    coordinates. all_reduce_sum: as for `relative_rank` (None: one process).
+    """
+    keep_prob = relative_rank(scores, segment_offsets, all_reduce_sum=all_reduce_sum)
+    keep_prob.sub_(1.0 - ratio).mul_(2.0 * soft_temperature).sigmoid_()
+    key = mix_key(seed, _SOFT_MASK_STREAM, step)
+    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    for (start, position), size in zip(position_runs.tolist(), run_sizes):
+        uniform = keyed_uniform_flat(key, position, size, device=scores.device)
+        torch.lt(uniform, keep_prob[start : start + size], out=keep[start : start + size])
+    return keep
+
+
 class GradientMasker:
     """Saliency top-rho gradient mask over named parameters (hard top-k or RoAST-style soft Bernoulli mask).
 
@@ -115,31 +175,11 @@ class GradientMasker:
         exclude: Sequence[str] = (),
         seed: int = 0,
     ) -> None:
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-        if kind not in MASK_KINDS:
-            raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
-        if not soft_temperature > 0.0:
-            raise ValueError(f"soft_temperature must be > 0, got {soft_temperature}")
-        patterns = []
-        for pattern in exclude:
-            try:
-                patterns.append(re.compile(pattern))
-            except re.error as error:
-                raise ValueError(f"exclude pattern {pattern!r} is not a valid regex: {error}") from error
+        check_mask_options(ratio, kind, soft_temperature)
         self.ratio, self.scope, self.kind = ratio, scope, kind
         self.soft_temperature, self.seed = soft_temperature, seed
         self.scorer = SaliencyScorer(saliency, ema_beta=ema_beta)
-
-        if len({id(param) for _, param in named_params}) != len(named_params):
-            raise ValueError("named_params lists the same parameter twice")
-        covered = [
-            (name, param)
-            for name, param in named_params
-            if param.requires_grad and not any(p.search(name) for p in patterns)
-        ]
-        if not covered:
-            raise ValueError("no parameter to mask: every parameter is excluded or frozen")
+        covered = covered_parameters(named_params, exclude)
         devices = {param.device for _, param in covered}
         if len(devices) > 1:
             raise ValueError(f"all masked parameters must be on one device, got {sorted(map(str, devices))}")
@@ -198,15 +238,10 @@ class GradientMasker:
 
     def _soft_mask(self, scores: torch.Tensor, step: int) -> torch.Tensor:
         """Bernoulli(sigmoid(2 T (rank - (1 - ratio)))) keep mask (bool [N]), keyed by (seed, step, position)."""
-        keep_prob = relative_rank(scores, self.segment_offsets)
-        keep_prob.sub_(1.0 - self.ratio).mul_(2.0 * self.soft_temperature).sigmoid_()
-        key = mix_key(self.seed, _SOFT_MASK_STREAM, step)
-        keep = torch.empty(self.total, dtype=torch.bool, device=self.device)
         sizes = [param.numel() for param in self.params]
-        for (start, position), size in zip(self.position_runs.tolist(), sizes):
-            uniform = keyed_uniform_flat(key, position, size, device=self.device)
-            torch.lt(uniform, keep_prob[start : start + size], out=keep[start : start + size])
-        return keep
+        return soft_keep_mask(
+            scores, self.segment_offsets, self.position_runs, sizes, self.ratio, self.soft_temperature, self.seed, step
+        )
 
     def update_masks(self) -> dict[torch.nn.Parameter, torch.Tensor]:
         """Bool keep mask per covered parameter (shaped like it; views into one flat buffer) from the last apply_."""

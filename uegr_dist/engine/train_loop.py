@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from uegr_dist.backward import MaskedAdamW
+from uegr_dist.backward import MaskedAdamW, configure_deepspeed_clipping
 from uegr_dist.config import Config, ConfigError, config_to_dict
 from uegr_dist.data.text_classification import PaddingCollator, TaskData, load_text_classification, read_table
 from uegr_dist.engine.distributed import build_accelerator
@@ -28,7 +28,8 @@ from uegr_dist.methods import Method, MethodContext, build_method, model_inputs
 from uegr_dist.modeling import load_model, load_tokenizer
 from uegr_dist.modeling.loading import WORD_LEVEL
 
-RUN_OUTPUTS = ("metrics.json", "config.yaml", "model.safetensors")
+# A finished run: a crashed one (config.yaml, logs only) may be run again into the same directory.
+RUN_OUTPUTS = ("metrics.json", "model.safetensors")
 
 
 @dataclass
@@ -56,7 +57,9 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> MaskedAdamW:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layernorm" in name else decay).append(param)
+        # ZeRO-3 may partition parameters as the model is built (transformers' zero.Init): ds_shape is the real shape.
+        ndim = len(getattr(param, "ds_shape", param.shape))
+        (no_decay if ndim < 2 or "LayerNorm" in name or "layernorm" in name else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -125,6 +128,10 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
         num_warmup_steps=int(cfg.train.warmup_ratio * total_steps) * accelerator.num_processes,
         num_training_steps=total_steps * accelerator.num_processes,
     )
+    # Before prepare: ZeRO replaces the optimizer's parameter lists with flat partitions.
+    named_parameters = _named_in_optimizer_order(model, optimizer)
+    masks = cfg.method.name == "uegr" and cfg.method.mask.enabled
+    configure_deepspeed_clipping(accelerator, cfg.train.max_grad_norm, masks_gradients=masks)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
@@ -134,10 +141,11 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
             model=model,
             base_model=accelerator.unwrap_model(model),
             optimizer=optimizer,
-            named_parameters=_named_in_optimizer_order(accelerator.unwrap_model(model), optimizer),
+            named_parameters=named_parameters,
             seed=cfg.train.seed,
             num_processes=accelerator.num_processes,
             reduce_mean=lambda x: accelerator.reduce(torch.tensor(x, device=accelerator.device), "mean").item(),
+            max_grad_norm=cfg.train.max_grad_norm,
         )
     )
 

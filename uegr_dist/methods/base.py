@@ -46,6 +46,8 @@ class MethodContext:
     num_processes: int = 1
     reduce_mean: Any = None
     """Callable float -> float averaging a scalar over processes (identity in one process)."""
+    max_grad_norm: float = 0.0
+    """Gradient clipping norm (0: none); a method that masks inside a DeepSpeed step clips there itself."""
 
 
 class Method:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from uegr_dist.backward import GradientMasker, MaskedAdamW
+from uegr_dist.backward import GradientMasker, MaskedAdamW, ZeroGradientMasker, is_deepspeed_engine
 from uegr_dist.config import MethodConfig
 from uegr_dist.forward import (
     DropoutRateSchedule,
@@ -49,7 +49,7 @@ class UEGR(Method):
         self.cfg = cfg
         drop = cfg.dropout
         self.schedule: DropoutRateSchedule | None = None
-        self.masker: GradientMasker | None = None
+        self.masker: GradientMasker | ZeroGradientMasker | None = None
         self.n_chunks = drop.k + 1
 
     def setup(self, ctx: MethodContext) -> None:
@@ -62,17 +62,23 @@ class UEGR(Method):
             drop.k, drop.p_min, drop.p_max, mode=drop.schedule, target_js=drop.target_js, gain=drop.gain, seed=ctx.seed
         )
         if mask.enabled:
-            self.masker = GradientMasker(
-                ctx.named_parameters,
-                ratio=mask.ratio,
-                scope=mask.scope,
-                kind=mask.kind,
-                saliency=mask.saliency,
-                ema_beta=mask.ema_beta,
-                soft_temperature=mask.soft_temperature,
-                exclude=mask.exclude,
-                seed=ctx.seed,
-            )
+            options = {
+                "ratio": mask.ratio,
+                "scope": mask.scope,
+                "kind": mask.kind,
+                "saliency": mask.saliency,
+                "ema_beta": mask.ema_beta,
+                "soft_temperature": mask.soft_temperature,
+                "exclude": mask.exclude,
+                "seed": ctx.seed,
+            }
+            if is_deepspeed_engine(ctx.model):
+                # The ZeRO step runs inside accelerator.backward: the masker hooks into it and clips there.
+                self.masker = ZeroGradientMasker(
+                    ctx.model, ctx.named_parameters, max_grad_norm=ctx.max_grad_norm, **options
+                )
+            else:
+                self.masker = GradientMasker(ctx.named_parameters, **options)
 
     def _adversarial_delta(
         self, batch: dict[str, torch.Tensor], embeds: torch.Tensor, key: int, keyed: bool
@@ -147,6 +153,10 @@ class UEGR(Method):
         """Saliency + top-rho mask on the reduced gradients; hand the kept set to a MaskedAdamW."""
         if self.masker is None:
             return {}
+        if isinstance(self.masker, ZeroGradientMasker):
+            stats = self.masker.last_stats  # the masked ZeRO step already ran inside accelerator.backward
+            assert stats is not None
+            return {"mask_kept_fraction": stats.keep_fraction}
         stats = self.masker.apply_(step)
         optimizer = getattr(self.ctx.optimizer, "optimizer", self.ctx.optimizer)
         if isinstance(optimizer, MaskedAdamW):

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): each script prints ratios measured side by side in one process."""
