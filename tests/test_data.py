@@ -32,6 +32,8 @@ def test_string_labels_sorted_split_seeded_and_sample_ids(tmp_path, tokenizer):
     batch = PaddingCollator(tokenizer, regression=False)([task.train[i] for i in range(4)])
     assert batch["input_ids"].shape[0] == 4 and batch["sample_id"].tolist() == [0, 1, 2, 3]
     assert batch["attention_mask"].shape == batch["input_ids"].shape
+    fixed = PaddingCollator(tokenizer, regression=False, max_length=16)([task.train[i] for i in range(4)])
+    assert fixed["input_ids"].shape == (4, 16) and fixed["attention_mask"][:, 5:].sum() == 0
 
 
 def test_csv_and_regression(tmp_path, tokenizer):

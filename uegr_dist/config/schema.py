@@ -56,6 +56,9 @@ class DataConfig:
     label_column: str = "label"
     regression: bool = False
     max_length: int = bounded(128, 8, 4096)
+    padding: str = choice("longest", "longest", "max_length", doc="max_length: every batch has the same width")
+    """`max_length` makes keyed dropout masks independent of which samples share a batch (needed for a
+    multi-process run to reproduce a one-process run on data of varying length)."""
     validation_ratio: float = bounded(0.1, 0.0, 0.9, lo_open=True)
     max_train_samples: int | None = bounded(None, 1)
     max_eval_samples: int | None = bounded(None, 1)

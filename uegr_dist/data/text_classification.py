@@ -132,16 +132,19 @@ def load_text_classification(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
 
 
 class PaddingCollator:
-    """Pads model inputs dynamically and keeps `labels` and `sample_id` as tensors."""
+    """Pads model inputs (to the longest row, or to a fixed max_length) and keeps `labels` and `sample_id`."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, regression: bool) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, regression: bool, max_length: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.label_dtype = torch.float32 if regression else torch.long
+        self.max_length = max_length
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """features: list of tokenized rows -> dict of [B, S] inputs, [B] labels, [B] sample_id."""
+        """features: list of tokenized rows -> dict of [B, S] inputs (S = longest row, or max_length if set), [B]
+        labels, [B] sample_id."""
         inputs = [{k: v for k, v in f.items() if k not in ("labels", "sample_id")} for f in features]
-        batch = dict(self.tokenizer.pad(inputs, return_tensors="pt"))
+        padding = "max_length" if self.max_length else "longest"
+        batch = dict(self.tokenizer.pad(inputs, padding=padding, max_length=self.max_length, return_tensors="pt"))
         batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=self.label_dtype)
         batch["sample_id"] = torch.tensor([f["sample_id"] for f in features], dtype=torch.long)
         return batch

@@ -109,7 +109,8 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
     tokenizer, task = load_task(cfg)
     model = load_model(cfg.model, tokenizer, task.num_labels, task.id2label, cfg.train.seed)
 
-    collate = PaddingCollator(tokenizer, task.regression)
+    fixed_width = cfg.data.max_length if cfg.data.padding == "max_length" else None
+    collate = PaddingCollator(tokenizer, task.regression, max_length=fixed_width)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     train_loader = DataLoader(
         task.train, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate, generator=generator
