@@ -1,0 +1,104 @@
+"""One stacked forward of the K sub-models + clean pass vs K + 1 sequential forwards (forward + backward), on CPU.
+
+    python -m benchmarks.stacked_forward --hidden 256 --layers 4 --batch 8 --seq 64 --k 2 --rounds 12
+
+Both variants compute the same thing (tests/test_uegr_method.py proves equality of the losses and gradients): the
+stacked variant runs [clean; sub_1; ...; sub_K] as one batch of (K + 1) * B rows inside `controller.chunks`, the
+sequential one runs K + 1 forwards of B rows, one chunk each. A plain forward + backward of B rows (what vanilla
+costs per step) is timed alongside, so the table also shows each variant against the (K + 1) x vanilla floor.
+Rounds interleave the variants (noise hits all alike); the first 2 rounds are dropped; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from uegr_dist.forward import install_chunk_dropout
+
+
+def main() -> None:
+    """Parse the sizes, time the three variants, print a JSON summary."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="bert")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        args.arch,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        intermediate_size=4 * args.hidden,
+        max_position_embeddings=max(512, args.seq + 2),
+        num_labels=2,
+    )
+    model = AutoModelForSequenceClassification.from_config(config).train()
+    controller = install_chunk_dropout(model)
+    n, b = args.k + 1, args.batch
+    ids = torch.randint(5, args.vocab, (b, args.seq))
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, 2, (b,))
+    rates = [None] + [0.05 + 0.25 * i / max(1, args.k - 1) for i in range(args.k)]
+
+    def vanilla() -> None:
+        F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels).backward()
+
+    def stacked() -> None:
+        with controller.chunks(rates):
+            logits = model(input_ids=ids.repeat(n, 1), attention_mask=mask.repeat(n, 1)).logits
+        F.cross_entropy(logits, labels.repeat(n)).backward()
+
+    def sequential() -> None:
+        losses = []
+        for rate in rates:
+            with controller.chunks([rate]):
+                losses.append(F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels))
+        torch.stack(losses).mean().backward()
+
+    variants = {"vanilla": vanilla, "stacked": stacked, "sequential": sequential}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(args.rounds):
+        for name, fn in variants.items():
+            model.zero_grad(set_to_none=True)
+            tic = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - tic
+            if round_index >= 2:
+                times[name].append(elapsed)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(
+        json.dumps(
+            {
+                "args": vars(args),
+                "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                "median_s": {k: round(v, 4) for k, v in median.items()},
+                "sequential_over_stacked": round(median["sequential"] / median["stacked"], 3),
+                "stacked_over_floor": round(median["stacked"] / (n * median["vanilla"]), 3),
+                "machine": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
