@@ -131,12 +131,11 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
     )
     # Before prepare: ZeRO replaces the optimizer's parameter lists with flat partitions.
     named_parameters = _named_in_optimizer_order(model, optimizer)
-    masks = cfg.method.name == "uegr" and cfg.method.mask.enabled
-    configure_deepspeed_clipping(accelerator, cfg.train.max_grad_norm, masks_gradients=masks)
+    method: Method = build_method(cfg.method)
+    configure_deepspeed_clipping(accelerator, cfg.train.max_grad_norm, masks_gradients=method.masks_gradients)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
-    method: Method = build_method(cfg.method)
     method.setup(
         MethodContext(
             model=model,

@@ -55,6 +55,8 @@ class Method:
     (accumulated, reduced) backward and before the optimizer step. Subclasses override what they change."""
 
     name = "base"
+    masks_gradients = False
+    """True when `transform_gradients` masks coordinates (under DeepSpeed the mask then clips, not the engine)."""
 
     def setup(self, ctx: MethodContext) -> None:
         """Called once after `accelerator.prepare`."""

@@ -4,6 +4,7 @@ paper's abstract leaves open is a config option (`MethodConfig`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ class UEGR(Method):
         self.schedule: DropoutRateSchedule | None = None
         self.masker: GradientMasker | ZeroGradientMasker | None = None
         self.n_chunks = drop.k + 1
+        self.masks_gradients = cfg.mask.enabled
 
     def setup(self, ctx: MethodContext) -> None:
         """Install per-chunk dropout on the unwrapped model and build the rate schedule and the gradient masker."""
@@ -62,16 +64,9 @@ class UEGR(Method):
             drop.k, drop.p_min, drop.p_max, mode=drop.schedule, target_js=drop.target_js, gain=drop.gain, seed=ctx.seed
         )
         if mask.enabled:
-            options = {
-                "ratio": mask.ratio,
-                "scope": mask.scope,
-                "kind": mask.kind,
-                "saliency": mask.saliency,
-                "ema_beta": mask.ema_beta,
-                "soft_temperature": mask.soft_temperature,
-                "exclude": mask.exclude,
-                "seed": ctx.seed,
-            }
+            # MaskConfig's fields are the maskers' keyword options (plus the on/off switch).
+            options = {k: v for k, v in dataclasses.asdict(mask).items() if k != "enabled"}
+            options["seed"] = ctx.seed
             if is_deepspeed_engine(ctx.model):
                 # The ZeRO step runs inside accelerator.backward: the masker hooks into it and clips there.
                 self.masker = ZeroGradientMasker(
