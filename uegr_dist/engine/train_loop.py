@@ -171,9 +171,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
         for batch in train_loader:
             tic = time.perf_counter()
             with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    result = method.loss(model, batch, step, micro_step)
-                accelerator.backward(result.loss)
+                result = method.forward_backward(accelerator, model, batch, step, micro_step)
                 logs: dict[str, float] = {}
                 if accelerator.sync_gradients:
                     logs = method.transform_gradients(step)

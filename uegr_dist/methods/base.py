@@ -66,6 +66,17 @@ class Method:
         """The training objective for one micro-batch (step = optimizer step index, micro_step = batch index)."""
         raise NotImplementedError
 
+    def forward_backward(
+        self, accelerator: Any, model: nn.Module, batch: dict[str, torch.Tensor], step: int, micro_step: int
+    ) -> StepOutput:
+        """One micro-batch: the objective under autocast, then `accelerator.backward`. Methods that need more than
+        one backward per micro-batch (SAM, MAT) override this; under DeepSpeed the last `accelerator.backward` of a
+        synchronizing micro-batch runs the engine step, so an override must call it exactly once per micro-batch."""
+        with accelerator.autocast():
+            result = self.loss(model, batch, step, micro_step)
+        accelerator.backward(result.loss)
+        return result
+
     def transform_gradients(self, step: int) -> dict[str, float]:
         """Modify `.grad` in place before the optimizer step; return scalars to log."""
         return {}
