@@ -105,7 +105,7 @@ def parity(tmp_path_factory) -> dict:
     run starts from the same saved weights) and the 1-process reference run (batch 2 * PER_RANK_BATCH)."""
     root = tmp_path_factory.mktemp("zero_parity")
     write_fixed_length_task(root / "train.jsonl", 64, seed=0)
-    write_fixed_length_task(root / "val.jsonl", 16, seed=1)
+    write_fixed_length_task(root / "val.jsonl", 17, seed=1)  # uneven over 2 ranks: gathered without duplicates
     cfg = load_config(run_config(root, root, "bootstrap", None, PER_RANK_BATCH))
     tokenizer, task = load_task(cfg)
     model = load_model(cfg.model, tokenizer, task.num_labels, task.id2label, seed=0)
@@ -162,6 +162,8 @@ def test_two_process_run_equals_one_process_run(stage, parity, tmp_path):
     diff = max(float((params[k] - v).abs().max()) for k, v in parity["params"].items())
     print(f"{stage}: max |param - reference| = {diff:.3g}")
     assert diff < 1e-5
+    # Same weights, same 17 validation rows (none counted twice by the uneven last batch): the same metrics.
+    assert report["final"] == pytest.approx(reference["final"], abs=1e-6)
     if stage != "ddp":
         assert report["num_collectives"] >= STEPS
         assert report["max_collective_numel"] <= MAX_MASKING_COLLECTIVE

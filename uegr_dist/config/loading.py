@@ -132,6 +132,22 @@ def _check_cross_fields(cfg: Config) -> None:
             "model.architecture = None: model.init = random needs a transformers model_type "
             "(bert, roberta, deberta-v2, ...)"
         )
+    data = cfg.data
+    if data.task is not None and (data.train_file or data.validation_file):
+        raise ConfigError(
+            f"data.task = {data.task!r} and data.train_file/validation_file are both set: use one source of data"
+        )
+    if data.task_path is not None and data.task is None:
+        raise ConfigError(f"data.task_path = {data.task_path!r} needs data.task (which registered task it holds)")
+    if data.task is not None:
+        from uegr_dist.data.tasks import TASKS  # light: the registry is plain data
+
+        if data.task not in TASKS:
+            raise ConfigError(f"data.task = {data.task!r}: not a registered task (known: {', '.join(TASKS)})")
+    if data.label_names is not None and (data.regression or len(set(data.label_names)) != len(data.label_names)):
+        raise ConfigError(f"data.label_names = {data.label_names}: needs distinct names and data.regression false")
+    if data.label_names is not None and data.num_labels is not None and data.num_labels != len(data.label_names):
+        raise ConfigError(f"data.num_labels = {data.num_labels} differs from the {len(data.label_names)} label_names")
     if cfg.data.validation_file is None and cfg.data.train_file is not None and cfg.data.validation_ratio >= 1:
         raise ConfigError(f"data.validation_ratio = {cfg.data.validation_ratio}: must be < 1")
 

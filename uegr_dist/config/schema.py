@@ -47,15 +47,30 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Local training / validation files and their columns."""
+    """A registered task (`task`) or local training / validation files and their columns."""
 
+    task: str | None = None
+    """A registered task (GLUE, AdvGLUE, ANLI, IMDB, AG News, PAWS, HANS: `uegr-train --list-tasks`), loaded from the
+    Hub, or from `task_path` when set. The column, label and regression options below apply to files only."""
+    task_path: str | None = None
+    """A local copy of the task's Hub dataset: a `DatasetDict.save_to_disk` folder or a folder of its data files."""
     train_file: str | None = None
     validation_file: str | None = None
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    label_names: list[str] | None = None
+    """Fixed label order for a file (ids 0..n-1); labels may be these names or their ids. Default: integer labels
+    keep their value, string labels are sorted."""
+    num_labels: int | None = bounded(None, 1)
+    """Number of classes for integer labels (default: the largest training label + 1); larger labels are refused."""
     regression: bool = False
     max_length: int = bounded(128, 8, 4096)
+    truncation: str = choice(
+        "longest_first", "longest_first", "only_first", "only_second", doc="how a too-long text pair is cut"
+    )
+    group_by_length: bool = False
+    """Batch rows of similar length together (less padding, more throughput); batches are still shuffled."""
     padding: str = choice("longest", "longest", "max_length", doc="max_length: every batch has the same width")
     """`max_length` makes keyed dropout masks independent of which samples share a batch (needed for a
     multi-process run to reproduce a one-process run on data of varying length)."""

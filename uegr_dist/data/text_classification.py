@@ -1,9 +1,16 @@
-"""Local text-classification / regression files -> tokenized `datasets` splits with stable sample ids."""
+"""Text-classification / regression data -> tokenized `datasets` splits with stable sample ids.
+
+Two sources share one path: a registered task (`data.task`, from the Hub or a local copy: uegr_dist.data.tasks) and
+local files (`data.train_file` / `data.validation_file`: CSV, TSV, JSON, JSONL, Parquet). `load_raw_task` reads and
+checks the splits, `prepare_task` maps labels to ids and tokenizes with `datasets.map` (cached and fingerprinted: the
+same files, tokenizer and max length reuse the cache; a changed one re-tokenizes).
+"""
 
 from __future__ import annotations
 
+import codecs
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +19,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from uegr_dist.config import DataConfig
+from uegr_dist.data.errors import DataError
+from uegr_dist.data.tasks import TaskSpec, get_task, load_task_splits
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """The training or validation data is unusable; the message names the file and what is wrong."""
+_TEXT_FORMATS = (".csv", ".tsv", ".json", ".jsonl")
+ROW = "_source_row"
 
 
 @dataclass
@@ -29,6 +36,57 @@ class TaskData:
     num_labels: int
     id2label: dict[int, str]
     regression: bool
+    extra_validation: dict[str, datasets.Dataset] = field(default_factory=dict)
+    """Further evaluation splits (MNLI mismatched), reported as `<name>_<metric>`."""
+    main_metric: str = "accuracy"
+    task: TaskSpec | None = None
+
+
+@dataclass
+class RawTask:
+    """Untokenized, checked splits and the roles of their columns."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    extra: dict[str, datasets.Dataset]
+    sources: dict[str, str]
+    """Split name -> where it came from (file, or task[split]), for error messages."""
+    text_column: str
+    text_pair_column: str | None
+    label_column: str
+    regression: bool
+    label_names: list[str] | None
+    """Fixed label order (registry or data.label_names); None: derived from the training labels."""
+    num_labels: int | None = None
+    task: TaskSpec | None = None
+
+    def texts(self) -> list[str]:
+        """Every training text (both columns of a pair), e.g. to build a word-level vocabulary."""
+        columns = [c for c in (self.text_column, self.text_pair_column) if c]
+        return [str(t) for c in columns for t in self.train[c]]
+
+
+def check_utf8(path: Path) -> None:
+    """Raise a DataError naming the line and byte offset of the first byte sequence that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = line = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                bad = offset + err.start
+                line_no = line + chunk[: err.start].count(b"\n") + 1
+                raise DataError(
+                    f"{path}: not UTF-8 text (line {line_no}, byte {bad}: {chunk[err.start : err.start + 4]!r}); "
+                    "re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+                ) from None
+            offset += len(chunk)
+            line += chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text (truncated multi-byte character at the end)") from None
 
 
 def read_table(path: str | Path) -> datasets.Dataset:
@@ -39,96 +97,244 @@ def read_table(path: str | Path) -> datasets.Dataset:
         raise DataError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(sorted(_BUILDERS))})")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    if path.suffix.lower() in _TEXT_FORMATS:
+        check_utf8(path)
     kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
         return datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
     except Exception as err:  # datasets wraps parser errors in several exception types
+        if "corresponds to no data" in str(err):  # a header-only CSV or an empty JSONL file
+            raise DataError(f"{path}: no rows") from None
         raise DataError(f"{path}: could not be read as {builder}: {err}") from err
 
 
-def _check_columns(ds: datasets.Dataset, path: str, cfg: DataConfig) -> None:
-    wanted = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-    for column in wanted:
+def _number_rows(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+    return {ROW: indices}
+
+
+def _rows(ds: datasets.Dataset) -> list[int]:
+    """Each row's index in its file or Hub split (error messages name it, also after a validation split)."""
+    return ds[ROW] if ROW in ds.column_names else list(range(len(ds)))
+
+
+def _check_split(ds: datasets.Dataset, where: str, columns: list[str]) -> None:
+    for column in columns:
         if column not in ds.column_names:
-            raise DataError(f"{path}: missing column {column!r} (columns: {', '.join(ds.column_names)})")
+            raise DataError(f"{where}: missing column {column!r} (columns: {', '.join(ds.column_names)})")
     if len(ds) == 0:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{where}: no rows")
 
 
-def _label_mapping(train: datasets.Dataset, cfg: DataConfig, path: str) -> dict[Any, int]:
-    """Map raw labels to ids: integers keep their value, strings are sorted; mixed types are refused."""
-    labels = train.unique(cfg.label_column)
-    kinds = {type(v) for v in labels if v is not None}
-    if any(v is None for v in labels):
-        raise DataError(f"{path}: column {cfg.label_column!r} has empty labels")
-    if kinds <= {int}:
-        if min(labels) < 0:
-            raise DataError(f"{path}: negative label {min(labels)} in column {cfg.label_column!r}")
-        return {v: v for v in range(max(labels) + 1)}
-    if kinds <= {str}:
-        return {v: i for i, v in enumerate(sorted(labels))}
-    raise DataError(f"{path}: column {cfg.label_column!r} mixes label types {sorted(k.__name__ for k in kinds)}")
+def _check_texts(ds: datasets.Dataset, where: str, columns: list[str]) -> None:
+    for column in columns:
+        for row, value in zip(_rows(ds), ds[column]):
+            if not isinstance(value, str):
+                what = "empty" if value is None else f"{type(value).__name__} {value!r}, not"
+                raise DataError(f"{where}: row {row}: {what} text in column {column!r}")
 
 
-def _encode_labels(
-    ds: datasets.Dataset, mapping: dict[Any, int] | None, cfg: DataConfig, path: str
-) -> datasets.Dataset:
-    column = cfg.label_column
-    if mapping is None:
-        values = ds[column]
-        for row, value in enumerate(values):
-            if value is None or not isinstance(value, (int, float)) or math.isnan(float(value)):
-                raise DataError(f"{path}: row {row}: regression target {value!r} in column {column!r} is not a number")
-        return ds.map(lambda ex: {"labels": float(ex[column])}, desc="labels")
-    for row, value in enumerate(ds[column]):
-        if value not in mapping:
-            raise DataError(f"{path}: row {row}: label {value!r} in column {column!r} is not among the training labels")
-    return ds.map(lambda ex: {"labels": mapping[ex[column]]}, desc="labels")
-
-
-def load_text_classification(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> TaskData:
-    """Read, validate, label-encode and tokenize the configured files; every row gets a stable `sample_id`."""
-    if cfg.train_file is None:
-        raise DataError(
-            "data.train_file is not set: give a CSV/TSV/JSON/JSONL/Parquet file with text and label columns"
-        )
-    train = read_table(cfg.train_file)
-    _check_columns(train, cfg.train_file, cfg)
-    if cfg.validation_file is not None:
-        validation = read_table(cfg.validation_file)
-        _check_columns(validation, cfg.validation_file, cfg)
-        val_path = cfg.validation_file
+def load_raw_task(cfg: DataConfig, seed: int) -> RawTask:
+    """Read the configured task or files; check columns, rows and texts; split off validation if there is none."""
+    if cfg.task is not None:
+        spec = get_task(cfg.task)
+        if spec.eval_only:
+            raise DataError(
+                f"task {spec.name} is evaluation-only (splits: {', '.join(spec.splits)}): fine-tune on "
+                f"{spec.train_task} and evaluate with `uegr-eval --task {spec.name}`"
+            )
+        roles = [r for r in spec.splits if r != "test"]
+        splits = load_task_splits(spec, cfg.task_path, roles)
+        where = cfg.task_path or spec.hub_id
+        sources = {role: f"task {spec.name}: {where}[{spec.splits[role]}]" for role in splits}
+        text, pair, label = spec.text_column, spec.text_pair_column, spec.label_column
+        label_names = None if spec.regression else list(spec.label_names or ())
+        regression = spec.regression
     else:
-        split = train.train_test_split(test_size=cfg.validation_ratio, seed=seed, shuffle=True)
-        train, validation = split["train"], split["test"]
-        val_path = f"{cfg.train_file} (validation split)"
-        if len(validation) == 0 or len(train) == 0:
-            raise DataError(f"{cfg.train_file}: too few rows ({len(train) + len(validation)}) to split off validation")
+        if cfg.train_file is None:
+            raise DataError(
+                "no data: set data.task (a registered task, see `uegr-train --list-tasks`) or data.train_file "
+                "(a CSV/TSV/JSON/JSONL/Parquet file with text and label columns)"
+            )
+        spec = None
+        splits = {"train": read_table(cfg.train_file)}
+        sources = {"train": cfg.train_file}
+        if cfg.validation_file is not None:
+            splits["validation"] = read_table(cfg.validation_file)
+            sources["validation"] = cfg.validation_file
+        text, pair, label = cfg.text_column, cfg.text_pair_column, cfg.label_column
+        label_names = list(cfg.label_names) if cfg.label_names else None
+        regression = cfg.regression
 
-    mapping = None if cfg.regression else _label_mapping(train, cfg, cfg.train_file)
-    train = _encode_labels(train, mapping, cfg, cfg.train_file)
-    validation = _encode_labels(validation, mapping, cfg, val_path)
+    columns = [text, label] + ([pair] if pair else [])
+    for role, ds in splits.items():
+        _check_split(ds, sources[role], columns)
+    splits = {r: ds.map(_number_rows, with_indices=True, batched=True, desc="rows") for r, ds in splits.items()}
+    text_columns = [text] + ([pair] if pair else [])
+    for role, ds in splits.items():
+        _check_texts(ds, sources[role], text_columns)
+    train = splits.pop("train")
+    if "validation" in splits:
+        validation = splits.pop("validation")
+    else:
+        held_out = train.train_test_split(test_size=cfg.validation_ratio, seed=seed, shuffle=True)
+        train, validation = held_out["train"], held_out["test"]
+        sources["validation"] = f"{sources['train']} (validation split)"
+        if len(validation) == 0 or len(train) == 0:
+            n = len(train) + len(validation)
+            raise DataError(f"{sources['train']}: too few rows ({n}) to split off validation")
     if cfg.max_train_samples is not None:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
     if cfg.max_eval_samples is not None:
         validation = validation.select(range(min(cfg.max_eval_samples, len(validation))))
+        splits = {r: ds.select(range(min(cfg.max_eval_samples, len(ds)))) for r, ds in splits.items()}
+    return RawTask(
+        train=train,
+        validation=validation,
+        extra=splits,
+        sources=sources,
+        text_column=text,
+        text_pair_column=pair,
+        label_column=label,
+        regression=regression,
+        label_names=label_names,
+        num_labels=cfg.num_labels,
+        task=spec,
+    )
 
-    def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        pair = batch[cfg.text_pair_column] if cfg.text_pair_column else None
-        return tokenizer(batch[cfg.text_column], pair, truncation=True, max_length=cfg.max_length)
+
+def _label_mapping(raw: RawTask) -> dict[Any, int]:
+    """Raw label -> id. Fixed names: a name or its index; otherwise integers keep their value and strings are
+    sorted (both taken from the training split). Empty, non-integral or mixed-type labels in any split are refused,
+    naming the file and row."""
+    column = raw.label_column
+    kinds: set[type] = set()
+    labels: set[Any] = set()
+    splits = {"train": raw.train, "validation": raw.validation, **raw.extra}
+    for name, ds in splits.items():
+        where = raw.sources[name]
+        for row, value in zip(_rows(ds), ds[column]):
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                raise DataError(f"{where}: row {row}: empty label in column {column!r}")
+            if isinstance(value, float) and not value.is_integer():
+                raise DataError(
+                    f"{where}: row {row}: label {value!r} in column {column!r} is not a class (an integer or "
+                    "a name); for a numeric target set data.regression true"
+                )
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                kind = type(value).__name__
+                raise DataError(f"{where}: row {row}: label {value!r} in column {column!r} has type {kind}")
+            kinds.add(str if isinstance(value, str) else int)
+            if len(kinds) > 1:
+                raise DataError(
+                    f"{where}: column {column!r} mixes label types (row {row}: {value!r}): use all names or all "
+                    "integers"
+                )
+            if name == "train":
+                labels.add(value)
+    if raw.label_names is not None:
+        mapping: dict[Any, int] = {name: i for i, name in enumerate(raw.label_names)}
+        mapping.update({i: i for i in range(len(raw.label_names))})
+        return mapping
+    if kinds == {str}:
+        if raw.num_labels is not None and len(labels) > raw.num_labels:
+            raise DataError(
+                f"{raw.sources['train']}: {len(labels)} distinct labels in column {column!r} but data.num_labels = "
+                f"{raw.num_labels}"
+            )
+        return {v: i for i, v in enumerate(sorted(labels))}
+    n = raw.num_labels if raw.num_labels is not None else int(max(labels)) + 1
+    return {i: i for i in range(n)}  # 1.0 == 1: float labels from a CSV column look up the same ids
+
+
+def _encode_labels(ds: datasets.Dataset, mapping: dict[Any, int] | None, column: str, where: str) -> datasets.Dataset:
+    if mapping is None:
+        for row, value in zip(_rows(ds), ds[column]):
+            if value is None or isinstance(value, (str, bool)) or math.isnan(float(value)):
+                raise DataError(f"{where}: row {row}: regression target {value!r} in column {column!r} is not a number")
+        return ds.map(_float_labels, fn_kwargs={"column": column}, desc="labels")
+    ids = sorted({v for v in mapping.values()})
+    for row, value in zip(_rows(ds), ds[column]):
+        if value not in mapping or isinstance(value, bool):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                raise DataError(
+                    f"{where}: row {row}: label {value!r} in column {column!r} is outside 0..{ids[-1]} "
+                    f"(num_labels = {len(ids)})"
+                )
+            raise DataError(
+                f"{where}: row {row}: label {value!r} in column {column!r} is not among the labels "
+                f"({', '.join(repr(k) for k in mapping if isinstance(k, str)) or f'0..{ids[-1]}'})"
+            )
+    return ds.map(_mapped_labels, fn_kwargs={"column": column, "mapping": mapping}, desc="labels")
+
+
+def _float_labels(example: dict[str, Any], column: str) -> dict[str, float]:
+    return {"labels": float(example[column])}
+
+
+def _mapped_labels(example: dict[str, Any], column: str, mapping: dict[Any, int]) -> dict[str, int]:
+    return {"labels": mapping[example[column]]}
+
+
+def _tokenize(
+    batch: dict[str, list],
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    pair: str | None,
+    max_length: int,
+    truncation: str,
+) -> dict[str, list]:
+    return tokenizer(batch[text], batch[pair] if pair else None, truncation=truncation, max_length=max_length)
+
+
+def _add_sample_id(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+    return {"sample_id": indices}
+
+
+def prepare_task(raw: RawTask, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+    """Map labels to ids, tokenize (cached by datasets' fingerprint of data + tokenizer + options) and give every row
+    a stable `sample_id` (its index in the split)."""
+    mapping = None if raw.regression else _label_mapping(raw)
+    kwargs = {
+        "tokenizer": tokenizer,
+        "text": raw.text_column,
+        "pair": raw.text_pair_column,
+        "max_length": cfg.max_length,
+        "truncation": cfg.truncation if raw.text_pair_column else True,
+    }
 
     def prepare(ds: datasets.Dataset, name: str) -> datasets.Dataset:
-        ds = ds.add_column("sample_id", list(range(len(ds))))
-        keep = {"labels", "sample_id"}
-        ds = ds.map(tokenize, batched=True, desc=f"tokenize {name}")
-        return ds.remove_columns([c for c in ds.column_names if c not in keep and c not in tokenizer.model_input_names])
+        ds = _encode_labels(ds, mapping, raw.label_column, raw.sources[name])
+        ds = ds.map(_add_sample_id, with_indices=True, batched=True, desc=f"ids {name}")
+        ds = ds.map(_tokenize, batched=True, fn_kwargs=kwargs, desc=f"tokenize {name}")
+        keep = {"labels", "sample_id", *tokenizer.model_input_names}
+        return ds.remove_columns([c for c in ds.column_names if c not in keep])
 
     if mapping is None:
         num_labels, id2label = 1, {0: "score"}
+    elif raw.label_names is not None:
+        num_labels, id2label = len(raw.label_names), dict(enumerate(raw.label_names))
     else:
-        num_labels = len(mapping)
-        id2label = {i: str(label) for label, i in mapping.items()}
-    return TaskData(prepare(train, "train"), prepare(validation, "validation"), num_labels, id2label, cfg.regression)
+        num_labels = len(set(mapping.values()))
+        names: dict[int, str] = {}
+        for label, i in mapping.items():
+            names.setdefault(i, str(label))
+        id2label = dict(sorted(names.items()))
+    metric = raw.task.main_metric if raw.task else ("pearson" if raw.regression else "accuracy")
+    return TaskData(
+        train=prepare(raw.train, "train"),
+        validation=prepare(raw.validation, "validation"),
+        num_labels=num_labels,
+        id2label=id2label,
+        regression=raw.regression,
+        extra_validation={role: prepare(ds, role) for role, ds in raw.extra.items()},
+        main_metric=metric,
+        task=raw.task,
+    )
+
+
+def load_text_classification(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> TaskData:
+    """Read, check, label-encode and tokenize the configured task or files."""
+    return prepare_task(load_raw_task(cfg, seed), cfg, tokenizer)
 
 
 class PaddingCollator:

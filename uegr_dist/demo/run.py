@@ -11,7 +11,7 @@ from pathlib import Path
 
 from uegr_dist.config import ConfigError, load_config, parse_overrides
 from uegr_dist.config.loading import merge, read_yaml
-from uegr_dist.data.text_classification import DataError
+from uegr_dist.data.errors import DataError
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 METHODS = ("vanilla", "uegr")

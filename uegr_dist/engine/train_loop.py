@@ -3,6 +3,7 @@ UEGR stages as two named calls (`method.loss`, `method.transform_gradients`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -21,7 +22,7 @@ from transformers import get_scheduler
 
 from uegr_dist.backward import MaskedAdamW, configure_deepspeed_clipping
 from uegr_dist.config import Config, ConfigError, config_to_dict
-from uegr_dist.data.text_classification import PaddingCollator, TaskData, load_text_classification, read_table
+from uegr_dist.data import LengthGroupedSampler, PaddingCollator, TaskData, load_raw_task, prepare_task
 from uegr_dist.engine.distributed import build_accelerator
 from uegr_dist.evaluation import classification_metrics, regression_metrics
 from uegr_dist.methods import Method, MethodContext, build_method, model_inputs
@@ -72,19 +73,34 @@ def _named_in_optimizer_order(model: torch.nn.Module, optimizer: torch.optim.Opt
     return [(names[id(p)], p) for group in optimizer.param_groups for p in group["params"]]
 
 
-def load_task(cfg: Config) -> tuple[Any, TaskData]:
-    """Tokenizer and tokenized data for the run (a word-level tokenizer is trained on the training texts)."""
-    texts = None
-    if (cfg.model.tokenizer or cfg.model.name_or_path) == WORD_LEVEL and cfg.data.train_file:
-        table = read_table(cfg.data.train_file)
-        columns = [c for c in (cfg.data.text_column, cfg.data.text_pair_column) if c and c in table.column_names]
-        texts = [str(t) for c in columns for t in table[c]]
-    tokenizer = load_tokenizer(cfg.model, texts)
-    return tokenizer, load_text_classification(cfg.data, tokenizer, cfg.train.seed)
+def load_task(cfg: Config, accelerator: Accelerator | None = None) -> tuple[Any, TaskData]:
+    """Tokenizer and tokenized data for the run (a word-level tokenizer is trained on the training texts). The main
+    process reads and tokenizes first, so the other processes reuse its `datasets` cache instead of racing on it."""
+    with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+        raw = load_raw_task(cfg.data, cfg.train.seed)
+        texts = raw.texts() if (cfg.model.tokenizer or cfg.model.name_or_path) == WORD_LEVEL else None
+        tokenizer = load_tokenizer(cfg.model, texts)
+        return tokenizer, prepare_task(raw, cfg.data, tokenizer)
 
 
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader, task: TaskData) -> dict[str, float]:
-    """Metrics over the whole validation split (gathered across processes without duplicates)."""
+def evaluate(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader: DataLoader,
+    task: TaskData,
+    extra_loaders: dict[str, DataLoader] | None = None,
+) -> dict[str, float]:
+    """Metrics over the whole validation split (gathered across processes without duplicates); the metrics of an
+    extra split (MNLI mismatched) are prefixed with its name."""
+    metrics = _evaluate_split(accelerator, model, loader, task)
+    for name, extra in (extra_loaders or {}).items():
+        metrics.update({f"{name}_{k}": v for k, v in _evaluate_split(accelerator, model, extra, task).items()})
+    return metrics
+
+
+def _evaluate_split(
+    accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader, task: TaskData
+) -> dict[str, float]:
     model.eval()
     preds, labels = [], []
     with torch.no_grad():
@@ -106,16 +122,25 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
     out = _check_output_dir(cfg)
     accelerator = accelerator or build_accelerator(cfg)
     set_seed(cfg.train.seed)
-    tokenizer, task = load_task(cfg)
+    tokenizer, task = load_task(cfg, accelerator)
     model = load_model(cfg.model, tokenizer, task.num_labels, task.id2label, cfg.train.seed)
 
     fixed_width = cfg.data.max_length if cfg.data.padding == "max_length" else None
     collate = PaddingCollator(tokenizer, task.regression, max_length=fixed_width)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    train_loader = DataLoader(
-        task.train, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate, generator=generator
-    )
+    if cfg.data.group_by_length:
+        lengths = [len(ids) for ids in task.train["input_ids"]]
+        sampler = LengthGroupedSampler(lengths, cfg.train.batch_size * accelerator.num_processes, cfg.train.seed)
+        train_loader = DataLoader(task.train, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate)
+    else:
+        generator = torch.Generator().manual_seed(cfg.train.seed)
+        train_loader = DataLoader(
+            task.train, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate, generator=generator
+        )
     eval_loader = DataLoader(task.validation, batch_size=cfg.train.eval_batch_size, collate_fn=collate)
+    extra_loaders = {
+        name: accelerator.prepare(DataLoader(ds, batch_size=cfg.train.eval_batch_size, collate_fn=collate))
+        for name, ds in task.extra_validation.items()
+    }
     # Optimizer steps per process: the prepared loader gives each process 1 / num_processes of the batches.
     batches_per_process = math.ceil(len(train_loader) / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_process / cfg.train.grad_accum)
@@ -202,14 +227,14 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
                 break
         epoch += 1
         if cfg.train.eval_every_epoch or step >= total_steps:
-            metrics = evaluate(accelerator, model, eval_loader, task)
+            metrics = evaluate(accelerator, model, eval_loader, task, extra_loaders)
             history.append({"epoch": epoch, "step": step, **metrics})
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
             if accelerator.is_local_main_process and cfg.train.progress:
                 progress.write(f"epoch {epoch} step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     progress.close()
     if not history or history[-1]["step"] != step:
-        metrics = evaluate(accelerator, model, eval_loader, task)
+        metrics = evaluate(accelerator, model, eval_loader, task, extra_loaders)
         history.append({"epoch": epoch, "step": step, **metrics})
 
     totals = accelerator.reduce(torch.tensor([samples, tokens], dtype=torch.float64, device=accelerator.device), "sum")
@@ -217,6 +242,8 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
     method.teardown()
     summary = {
         "method": cfg.method.name,
+        "task": task.task.name if task.task else cfg.data.train_file,
+        "main_metric": task.main_metric,
         "eval": history,
         "final": {k: v for k, v in history[-1].items() if k not in ("epoch", "step")},
         "train_loss": losses,
