@@ -252,6 +252,9 @@ class Checkpointer:
         """Load the selected checkpoint into model, optimizer, scheduler, method and RNG; the loop state to go on
         from (a fresh one when there is nothing to resume). Call after `accelerator.prepare` and `method.setup`."""
         if self.resume_from is None:
+            if self.accelerator.is_main_process:
+                self._clear_for_fresh_start()
+            self.accelerator.wait_for_everyone()
             return LoopState()
         path = self.resume_from  # validated and identity-checked by select_resume_checkpoint
         rank = self.accelerator.process_index
@@ -266,6 +269,15 @@ class Checkpointer:
             print(f"resuming from {path} (step {loop.step})", file=sys.stderr)
         self.accelerator.wait_for_everyone()
         return loop
+
+    def _clear_for_fresh_start(self) -> None:
+        """A fresh start must not leave older checkpoints that a later `--resume auto` would take for its own:
+        with train.overwrite the overwritten run's checkpoints are deleted; under `auto` (none usable) they are set
+        aside. (A fresh start without either is refused before anything runs: `refuse_stale_checkpoints`.)"""
+        if self.cfg.train.resume == "none" and self.cfg.train.overwrite:
+            shutil.rmtree(self.root, ignore_errors=True)
+        else:
+            self._set_aside_newer(-1)
 
     def _set_aside_newer(self, step: int) -> None:
         """Rename checkpoints newer than the one resumed (incomplete or corrupted) to `step-N.invalid`: the run will
