@@ -138,9 +138,10 @@ def test_sigterm_checkpoints_exits_75_and_resume_continues(references, easy_task
     assert_same_run(out, references["uegr-keyed"])
 
 
-def test_nan_step_is_skipped_and_the_run_continues(easy_task, tmp_path, one_thread, monkeypatch):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_nan_step_is_skipped_and_the_run_continues(precision, easy_task, tmp_path, one_thread, monkeypatch):
     monkeypatch.setenv("UEGR_DEBUG_NAN_STEPS", "2")  # the third optimizer step
-    config = write_config(easy_task, tmp_path, "uegr-fast", max_steps=5, save_every=1)
+    config = write_config(easy_task, tmp_path, "uegr-fast", max_steps=5, save_every=1, mixed_precision=precision)
     result = train(load_config(config))
     assert result.metrics["train"]["nonfinite_steps"] == 1
     ckpt = tmp_path / "run" / "checkpoints"
@@ -255,7 +256,9 @@ def test_fresh_start_refuses_a_directory_with_checkpoints(easy_task, tmp_path, c
     err = capsys.readouterr().err
     assert "holds checkpoints of an earlier run (newest: step-3)" in err and "--resume auto" in err
     assert cli_main(["--config", str(config), "--train.resume", "somewhere/else"]) == 2
-    assert "train.resume = 'somewhere/else': checkpoint somewhere/else: not a directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "train.resume = 'somewhere/else': checkpoint somewhere/else: not a directory" in err
+    assert "(train.resume is none, auto, or a checkpoint directory)" in err
 
 
 @pytest.mark.distributed

@@ -199,7 +199,8 @@ def select_resume_checkpoint(cfg: Config, num_processes: int) -> Path | None:
         try:
             manifest = validate_checkpoint(path)
         except CheckpointError as err:
-            raise CheckpointError(f"train.resume = {resume!r}: {err}") from err
+            hint = "" if path.is_dir() else " (train.resume is none, auto, or a checkpoint directory)"
+            raise CheckpointError(f"train.resume = {resume!r}: {err}{hint}") from err
         check_identity(manifest, path, identity)
         return path
     root = Path(cfg.train.output_dir) / CHECKPOINTS
