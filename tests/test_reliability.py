@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_run_overrides
@@ -142,7 +143,12 @@ def test_sigterm_checkpoints_exits_75_and_resume_continues(references, easy_task
 def test_nan_step_is_skipped_and_the_run_continues(precision, easy_task, tmp_path, one_thread, monkeypatch):
     monkeypatch.setenv("UEGR_DEBUG_NAN_STEPS", "2")  # the third optimizer step
     config = write_config(easy_task, tmp_path, "uegr-fast", max_steps=5, save_every=1, mixed_precision=precision)
-    result = train(load_config(config))
+    # accelerate keeps one process-wide state: another precision needs a reset before and after.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        result = train(load_config(config))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert result.metrics["train"]["nonfinite_steps"] == 1
     ckpt = tmp_path / "run" / "checkpoints"
     # The skipped step moved nothing: weights and optimizer state after step 3 are those after step 2.
