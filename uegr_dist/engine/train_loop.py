@@ -1,5 +1,6 @@
 """The training loop: Accelerate + a pluggable method. Reads top to bottom like accelerate's NLP example, with the
-UEGR stages as two named calls (`method.loss`, `method.transform_gradients`)."""
+UEGR stages as two named calls (`method.loss`, `method.transform_gradients`). Checkpoints and exact resume live in
+`engine/checkpoint.py` (`Checkpointer`), preemption signals and the non-finite step guard in `engine/guard.py`."""
 
 from __future__ import annotations
 
