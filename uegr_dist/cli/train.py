@@ -10,6 +10,8 @@ from uegr_dist.config import ConfigError, load_config
 from uegr_dist.data.errors import DataError
 
 EXIT_BAD_INPUT = 2
+# Also: 3 = too many non-finite steps in a row (guard.EXIT_NONFINITE), 75 = preempted after a checkpoint
+# (guard.EXIT_PREEMPTED); both leave every checkpoint written so far intact.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-file", help="CSV/TSV/JSON/JSONL/Parquet training file (--data.train_file)")
     parser.add_argument("--validation-file", help="validation file (--data.validation_file)")
     parser.add_argument("--list-tasks", action="store_true", help="print the task registry and exit")
+    parser.add_argument(
+        "--resume",
+        metavar="auto|none|PATH",
+        help="shorthand for --train.resume: auto continues from the newest complete checkpoint in train.output_dir",
+    )
     return parser
 
 
@@ -41,11 +48,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, key in SHORTHANDS.items():
         if getattr(args, flag) is not None:
             overrides = [f"--{key}", getattr(args, flag), *overrides]
+    if args.resume is not None:
+        overrides = [*overrides, "--train.resume", args.resume]
     try:
         cfg = load_config(args.config, overrides)
-        from uegr_dist.engine.train_loop import train  # heavy imports only after the config is known to be valid
+        # Heavy imports only after the config is known to be valid.
+        from uegr_dist.engine.checkpoint import CheckpointError
+        from uegr_dist.engine.guard import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteLossError, Preempted
+        from uegr_dist.engine.train_loop import train
 
-        result = train(cfg)
+        try:
+            result = train(cfg)
+        except CheckpointError as err:
+            print(f"uegr-train: error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except NonFiniteLossError as err:
+            print(f"uegr-train: error: {err}", file=sys.stderr)
+            return EXIT_NONFINITE
+        except Preempted as err:
+            print(f"uegr-train: {err}", file=sys.stderr)
+            return EXIT_PREEMPTED
     except (ConfigError, DataError) as err:
         print(f"uegr-train: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

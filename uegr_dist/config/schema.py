@@ -43,6 +43,7 @@ class ModelConfig:
     """Tokenizer path or Hub id (default: name_or_path); `word_level` builds one from the training texts."""
     attn_implementation: str | None = choice(None, "eager", "sdpa", doc="None = the model's default")  # type: ignore[arg-type]
     trust_remote_code: bool = False
+    """Run Python code shipped with a Hub model; off unless you trust its source."""
 
 
 @dataclass
@@ -106,6 +107,16 @@ class TrainConfig:
     save_model: bool = True
     overwrite: bool = False
     """Allow writing into an output_dir that already holds a finished run."""
+    save_every: int = bounded(500, 0)
+    """Optimizer steps between checkpoints (output_dir/checkpoints/step-N); one is also written at the end and on
+    preemption. 0: no checkpoints except on preemption."""
+    keep_last: int = bounded(2, 1)
+    """Complete checkpoints kept (older ones are deleted after a newer one is complete)."""
+    resume: str = "none"
+    """none: start fresh; auto: continue from the newest complete checkpoint in output_dir (fresh if there is none);
+    or the path of one checkpoint directory."""
+    max_nonfinite_steps: int = bounded(10, 1)
+    """Stop after this many consecutive optimizer steps with a non-finite loss or gradient (each one is skipped)."""
     collective_timeout: int = bounded(600, 10)
     """Seconds a collective may wait for a peer before the job fails (a crashed rank must not hang the others)."""
 

@@ -1,5 +1,6 @@
 """The training loop: Accelerate + a pluggable method. Reads top to bottom like accelerate's NLP example, with the
-UEGR stages as two named calls (`method.loss`, `method.transform_gradients`)."""
+UEGR stages as two named calls (`method.loss`, `method.transform_gradients`). Checkpoints and exact resume live in
+`engine/checkpoint.py` (`Checkpointer`), preemption signals and the non-finite step guard in `engine/guard.py`."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from transformers import get_scheduler
 from uegr_dist.backward import MaskedAdamW, configure_deepspeed_clipping
 from uegr_dist.config import Config, ConfigError, config_to_dict
 from uegr_dist.data import LengthGroupedSampler, PaddingCollator, TaskData, load_raw_task, prepare_task
+from uegr_dist.engine.checkpoint import Checkpointer, refuse_stale_checkpoints, select_resume_checkpoint
 from uegr_dist.engine.distributed import build_accelerator
+from uegr_dist.engine.guard import NonFiniteGuard, Preempted, PreemptionHandler
 from uegr_dist.evaluation import classification_metrics, regression_metrics
 from uegr_dist.methods import Method, MethodContext, build_method, model_inputs
 from uegr_dist.modeling import load_model, load_tokenizer
@@ -49,6 +52,7 @@ def _check_output_dir(cfg: Config) -> Path:
             f"train.output_dir = {str(out)!r} already holds a run ({', '.join(existing)}); "
             "choose another directory or pass --train.overwrite true"
         )
+    refuse_stale_checkpoints(cfg)
     return out
 
 
@@ -121,18 +125,20 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
     """Fine-tune `cfg.model` on `cfg.data` with `cfg.method`; write model, tokenizer, metrics.json, config.yaml."""
     out = _check_output_dir(cfg)
     accelerator = accelerator or build_accelerator(cfg)
+    resume_from = select_resume_checkpoint(cfg, accelerator.num_processes)
     set_seed(cfg.train.seed)
     tokenizer, task = load_task(cfg, accelerator)
     model = load_model(cfg.model, tokenizer, task.num_labels, task.id2label, cfg.train.seed)
 
     fixed_width = cfg.data.max_length if cfg.data.padding == "max_length" else None
     collate = PaddingCollator(tokenizer, task.regression, max_length=fixed_width)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
     if cfg.data.group_by_length:
+        # The order is a function of (seed, epoch): the loop sets the epoch, so a resumed run redraws it.
         lengths = [len(ids) for ids in task.train["input_ids"]]
         sampler = LengthGroupedSampler(lengths, cfg.train.batch_size * accelerator.num_processes, cfg.train.seed)
         train_loader = DataLoader(task.train, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate)
     else:
-        generator = torch.Generator().manual_seed(cfg.train.seed)
         train_loader = DataLoader(
             task.train, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate, generator=generator
         )
@@ -174,71 +180,87 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
         )
     )
 
+    checkpoints = Checkpointer(accelerator, cfg, method, generator, resume_from)
+    state = checkpoints.resume()
+    guard = NonFiniteGuard(accelerator, cfg.train.max_nonfinite_steps)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
     if cfg.train.tracker != "none":
         accelerator.init_trackers("uegr", config=_flat_hparams(cfg))
 
-    history: list[dict[str, Any]] = []
-    losses: list[dict[str, float]] = []
-    samples = tokens = 0
-    train_seconds = 0.0
-    step = micro_step = epoch = 0
     progress = tqdm(
         total=total_steps,
+        initial=min(state.step, total_steps),
         desc=f"{cfg.method.name}",
         disable=not (accelerator.is_local_main_process and cfg.train.progress),
     )
     model.train()
-    window_loss: list[float] = []
-    while step < total_steps:
-        for batch in train_loader:
-            tic = time.perf_counter()
-            with accelerator.accumulate(model):
-                result = method.forward_backward(accelerator, model, batch, step, micro_step)
-                logs: dict[str, float] = {}
-                if accelerator.sync_gradients:
-                    logs = method.transform_gradients(step)
-                    if cfg.train.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_step += 1
-            window_loss.append(result.loss.item())
-            if step > 0:
-                # The first optimizer step (allocations, lazy init) is left out of the throughput window.
-                train_seconds += time.perf_counter() - tic
-                samples += batch["labels"].shape[0]
-                tokens += int(batch["attention_mask"].sum())
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                entry = {"step": step, "loss": float(np.mean(window_loss)), **result.logs, **logs}
-                entry["lr"] = scheduler.get_last_lr()[0]
-                losses.append(entry)
-                window_loss = []
-                progress.set_postfix(loss=f"{entry['loss']:.4f}")
-                accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=step)
-            if step >= total_steps:
-                break
-        epoch += 1
-        if cfg.train.eval_every_epoch or step >= total_steps:
-            metrics = evaluate(accelerator, model, eval_loader, task, extra_loaders)
-            history.append({"epoch": epoch, "step": step, **metrics})
-            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-            if accelerator.is_local_main_process and cfg.train.progress:
-                progress.write(f"epoch {epoch} step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    with PreemptionHandler(accelerator) as preemption:
+        while state.step < total_steps:
+            for batch in checkpoints.epoch_batches(train_loader, state):
+                tic = time.perf_counter()
+                with accelerator.accumulate(model):
+                    result = method.forward_backward(accelerator, model, batch, state.step, state.micro_step)
+                    logs: dict[str, float] = {}
+                    finite = True
+                    if accelerator.sync_gradients:
+                        finite = guard.step_is_finite(result.loss, model.parameters(), state.step)
+                        if finite:
+                            logs = method.transform_gradients(state.step)
+                            if cfg.train.max_grad_norm > 0:
+                                accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                    if finite:
+                        optimizer.step()
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.micro_step += 1
+                state.window_loss.append(result.loss.item())
+                if state.step > 0:
+                    # The first optimizer step (allocations, lazy init) is left out of the throughput window.
+                    state.train_seconds += time.perf_counter() - tic
+                    state.samples += batch["labels"].shape[0]
+                    state.tokens += int(batch["attention_mask"].sum())
+                if not accelerator.sync_gradients:
+                    continue
+                guard.record(finite, state, state.step)
+                state.step += 1
+                progress.update(1)
+                if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+                    finite_losses = [x for x in state.window_loss if math.isfinite(x)]
+                    entry = {"step": state.step, "loss": float(np.mean(finite_losses)) if finite_losses else math.nan}
+                    entry.update({**result.logs, **logs, "lr": scheduler.get_last_lr()[0]})
+                    entry["nonfinite_steps"] = state.nonfinite_steps
+                    state.losses.append(entry)
+                    state.window_loss = []
+                    progress.set_postfix(loss=f"{entry['loss']:.4f}")
+                    accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=state.step)
+                if state.step >= total_steps:
+                    break
+                # The last step goes on to the final evaluation and save, even when a signal came.
+                if preemption.requested(state.step):
+                    raise Preempted(str(checkpoints.save(state)), state.step)
+                checkpoints.maybe_save(state, total_steps)
+            state.epoch += 1
+            if cfg.train.eval_every_epoch or state.step >= total_steps:
+                metrics = evaluate(accelerator, model, eval_loader, task, extra_loaders)
+                state.history.append({"epoch": state.epoch, "step": state.step, **metrics})
+                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
+                if accelerator.is_local_main_process and cfg.train.progress:
+                    report = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                    progress.write(f"epoch {state.epoch} step {state.step}: {report}")
     progress.close()
-    if not history or history[-1]["step"] != step:
+    if not state.history or state.history[-1]["step"] != state.step:
         metrics = evaluate(accelerator, model, eval_loader, task, extra_loaders)
-        history.append({"epoch": epoch, "step": step, **metrics})
+        state.history.append({"epoch": state.epoch, "step": state.step, **metrics})
+    if cfg.train.save_every > 0 and checkpoints.last_saved_step != state.step:
+        checkpoints.save(state)
 
-    totals = accelerator.reduce(torch.tensor([samples, tokens], dtype=torch.float64, device=accelerator.device), "sum")
-    seconds = accelerator.reduce(torch.tensor(train_seconds, device=accelerator.device), "mean").item()
+    history = state.history
+    totals = accelerator.reduce(
+        torch.tensor([state.samples, state.tokens], dtype=torch.float64, device=accelerator.device), "sum"
+    )
+    seconds = accelerator.reduce(torch.tensor(state.train_seconds, device=accelerator.device), "mean").item()
     method.teardown()
     summary = {
         "method": cfg.method.name,
@@ -246,9 +268,10 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
         "main_metric": task.main_metric,
         "eval": history,
         "final": {k: v for k, v in history[-1].items() if k not in ("epoch", "step")},
-        "train_loss": losses,
+        "train_loss": state.losses,
         "train": {
-            "steps": step,
+            "steps": state.step,
+            "nonfinite_steps": state.nonfinite_steps,
             "num_processes": accelerator.num_processes,
             "seconds": seconds,
             "samples_per_second": float(totals[0]) / seconds if seconds > 0 else float("nan"),
