@@ -13,7 +13,8 @@ A suite is a YAML file (see configs/suites/):
     robustness: {attacks: [char, pgd], max_examples: 200, args: [], sets: true}
 
 Every run's config is base_config <- base <- tasks[task] <- methods[method] <- {train: {seed, output_dir}}; file paths
-in `data` that are relative are resolved against the suite file. A method entry replaces the whole `method` section
+in `data` that are relative are resolved against the suite file. Runs use `train.resume: auto`, so a run cut off
+in an earlier invocation continues from its last checkpoint. A method entry replaces the whole `method` section
 (it starts from the method defaults), so one method's options cannot leak into another's.
 """
 
@@ -130,7 +131,8 @@ def load_suite(path: str | Path, output_dir: str | Path | None = None) -> Suite:
                 directory = out / task / method / f"seed-{seed}"
                 config = merge(merge(base, task_cfg), {k: v for k, v in method_cfg.items() if k != "method"})
                 config["method"] = dict(method_cfg.get("method", base.get("method", {})))
-                config = merge(config, {"train": {"seed": seed, "output_dir": str(directory)}})
+                # resume auto: a run interrupted in an earlier invocation continues from its last checkpoint.
+                config = merge(config, {"train": {"seed": seed, "output_dir": str(directory), "resume": "auto"}})
                 try:
                     load_config(None, config)
                 except ConfigError as err:
