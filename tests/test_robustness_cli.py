@@ -100,6 +100,7 @@ def test_cli_refuses_to_overwrite_a_finished_evaluation(victim_dir, eval_file, t
         (["--label-column", "gold"], "missing column 'gold'"),
         (["--model", "/no/such/model"], "model = '/no/such/model': directory not found"),
         (["--file", "missing.csv"], "missing.csv: file not found"),
+        (["--output-dir="], "output_dir = '': "),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(
@@ -110,6 +111,11 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_needs_an_output_dir(victim_dir, eval_file, capsys):
+    assert run_cli("--model", str(victim_dir), "--file", str(eval_file)) == 2
+    assert "output_dir = None: give --output-dir" in capsys.readouterr().err
 
 
 def free_port() -> int:

@@ -122,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         overrides = merge(flags_to_overrides(args), parse_overrides(extra))
         cfg = load_eval_config(args.config, overrides)
+        if cfg.output_dir is None:
+            raise ConfigError("output_dir = None: give --output-dir (where summary.json, report.md and the rows go)")
         from uegr_dist.robustness.runner import evaluate_robustness  # heavy imports after the config is valid
 
         summary = evaluate_robustness(cfg)
@@ -134,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parts.append(f"{name}@eps={m['curve'][-1]['eps']:g}={m['curve'][-1]['accuracy']:.4f}")
         else:
             parts.append(f"{name}={m['attacked_accuracy']:.4f}")
-    print(f"done: {cfg.output_dir or '(not written)'} | " + ", ".join(parts))
+    print(f"done: {cfg.output_dir} | " + ", ".join(parts))
     return 0
 
 

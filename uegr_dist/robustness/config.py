@@ -98,6 +98,8 @@ def validate(cfg: EvalConfig) -> EvalConfig:
     """Cross-field checks; raises ConfigError naming the key, the value and what is allowed."""
     if not cfg.model:
         raise ConfigError("model = None: give the directory of a saved model (--model DIR)")
+    if cfg.output_dir is not None and not cfg.output_dir.strip():
+        raise ConfigError("output_dir = '': give a directory path")
     if not cfg.attacks:
         raise ConfigError(f"attacks = []: name at least one of {', '.join(ATTACKS)}")
     for name in cfg.attacks:

@@ -47,7 +47,8 @@ class _Processes:
             )
         self.rank = self.accelerator.process_index if self.accelerator else 0
         self.world = self.accelerator.num_processes if self.accelerator else 1
-        self.device = self.accelerator.device if self.accelerator else torch.device("cpu")
+        single = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = self.accelerator.device if self.accelerator else single
 
     @property
     def is_main(self) -> bool:

@@ -115,7 +115,9 @@ def greedy_attack(
             candidates = source.candidates(spans, i, rng)
             if budget.max_total_edits is not None:
                 left = budget.max_total_edits - edits_used
-                candidates = [c for c in candidates if edit_distance(spans[i].text, c) <= left]
+                # The distance never exceeds the longer word's length: only compute it when that could break the budget.
+                word = spans[i].text
+                candidates = [c for c in candidates if max(len(word), len(c)) <= left or edit_distance(word, c) <= left]
             candidates = candidates[: budget.query_budget - used]
             if not candidates:
                 continue

@@ -122,7 +122,9 @@ def char_candidates(
             for cand in single_edits(source, kinds):
                 if cand != word and cand not in found:
                     level[cand] = None
-        level_list = [c for c in level if edit_distance(word, c) <= max_distance]
+        # One edit of these kinds is distance 1; after several, the distance (which has no triangle inequality
+        # for swaps) must be checked.
+        level_list = list(level) if max_distance == 1 else [c for c in level if edit_distance(word, c) <= max_distance]
         found.update(dict.fromkeys(level_list))
         # Expanding every word of a level is combinatorial: continue from a sample of it.
         frontier = level_list if len(level_list) <= max_candidates else rng.sample(level_list, max_candidates)
