@@ -372,3 +372,12 @@ def test_regression_model_is_refused(tmp_path, victim_dir):
         load_victim(str(tmp_path / "reg"), 8, 32)
     with pytest.raises(ConfigError, match="no config.json"):
         load_victim(str(tmp_path), 8, 32)
+
+
+def test_shipped_eval_config_holds_the_defaults():
+    from dataclasses import asdict
+
+    from uegr_dist.robustness import EvalConfig, load_eval_config
+
+    shipped = load_eval_config(Path(__file__).resolve().parents[1] / "configs" / "eval-robustness.yaml", {"model": "m"})
+    assert asdict(shipped) == asdict(EvalConfig(model="m"))
