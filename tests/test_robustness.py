@@ -381,3 +381,49 @@ def test_shipped_eval_config_holds_the_defaults():
 
     shipped = load_eval_config(Path(__file__).resolve().parents[1] / "configs" / "eval-robustness.yaml", {"model": "m"})
     assert asdict(shipped) == asdict(EvalConfig(model="m"))
+
+
+def test_masked_lm_candidates_skip_mid_word_pieces_of_byte_level_bpe(tmp_path):
+    """RoBERTa-style vocabularies: only word-initial pieces (marked 'Ġ') become replacement words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForMaskedLM
+
+    from uegr_dist.robustness.candidates import MaskedLMCandidates
+
+    texts = ["the cat sat on the mat", "a dog ran to the park", "the story was quite smart and fresh"] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=alphabet)
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=66,
+        pad_token_id=1,
+    )
+    RobertaForMaskedLM(config).save_pretrained(tmp_path)
+    fast.save_pretrained(tmp_path)
+    source = MaskedLMCandidates(str(tmp_path), top_k=len(fast))
+    text = "the cat sat on the mat"
+    spans = word_spans(text)
+    source.prepare(text, spans)
+    found = [c for i in range(len(spans)) for c in source.candidates(spans, i, random.Random(0))]
+    word_initial = {t[1:] for t in fast.get_vocab() if t.startswith("\u0120") and t[1:].isalnum()}
+    mid_word = {t for t in fast.get_vocab() if t.isalnum()} - word_initial
+    assert found and set(found) <= word_initial and not set(found) & mid_word

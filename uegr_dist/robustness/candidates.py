@@ -57,10 +57,15 @@ class MaskedLMCandidates:
         positions = getattr(self.model.config, "max_position_embeddings", 512)
         self.max_length = min(512, positions - 2)
         self._per_word: dict[int, list[str]] = {}
+        # Byte-level BPE (RoBERTa) and SentencePiece (DeBERTa) mark the first piece of a word; the rest are pieces.
+        vocab = self.tokenizer.get_vocab()
+        self.word_start = next((m for m in ("\u0120", "\u2581") if f"{m}the" in vocab), None)
 
     def _token_text(self, token_id: int) -> str | None:
         token = self.tokenizer.convert_ids_to_tokens(token_id)
         if token_id in self.special or token.startswith("##"):
+            return None
+        if self.word_start is not None and not token.startswith(self.word_start):
             return None
         word = self.tokenizer.convert_tokens_to_string([token]).strip()
         return word if _ONE_WORD.fullmatch(word) else None
