@@ -181,3 +181,58 @@ def test_two_processes_give_the_same_summary_and_rows_as_one(victim_dir, eval_fi
         assert read_rows(tmp_path / "one" / f"examples_{name}.jsonl") == read_rows(
             tmp_path / "two" / f"examples_{name}.jsonl"
         )
+
+
+def test_registry_task_and_prediction_map(tmp_path, one_thread):
+    """--task reads a registered task's split (here a local copy shaped like the Hub dataset); HANS is scored with a
+    3-class MNLI model, neutral and contradiction probabilities summed into non-entailment."""
+    import datasets
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.conftest import TINY_MODELS
+    from uegr_dist.config import ModelConfig
+    from uegr_dist.modeling import build_word_level_tokenizer, load_model
+
+    texts = ["the doctor saw the lawyer", "the lawyer saw the doctor", "a b c d", "if the actor slept"]
+    tokenizer = build_word_level_tokenizer(texts, 100)
+    labels3 = {0: "entailment", 1: "neutral", 2: "contradiction"}
+    cfg = ModelConfig(init="random", architecture="bert", config=dict(TINY_MODELS["bert"]), tokenizer="word_level")
+    model = load_model(cfg, tokenizer, 3, labels3, seed=0)
+    model.save_pretrained(tmp_path / "mnli_model")
+    tokenizer.save_pretrained(tmp_path / "mnli_model")
+
+    features = datasets.Features(
+        {
+            "premise": datasets.Value("string"),
+            "hypothesis": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["entailment", "non-entailment"]),
+            "parse_premise": datasets.Value("string"),
+        }
+    )
+    rows = {"premise": texts * 3, "hypothesis": texts[::-1] * 3, "label": [0, 1] * 6, "parse_premise": [""] * 12}
+    hans = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": hans, "validation": hans}).save_to_disk(tmp_path / "hans")
+
+    out = tmp_path / "eval"
+    args = ["--model", str(tmp_path / "mnli_model"), "--task", "hans", "--task-path", str(tmp_path / "hans")]
+    assert run_cli(*args, "--attack", "none", "--output-dir", str(out), "--max-examples", "10") == 0
+    summary = json.loads((out / "summary.json").read_text())
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "mnli_model").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "mnli_model")
+    with torch.no_grad():
+        probs = reloaded(**tok(rows["premise"][:10], rows["hypothesis"][:10], return_tensors="pt", padding=True))
+    p = probs.logits.softmax(-1)
+    predicted = (p[:, 1] + p[:, 2] > p[:, 0]).long()  # the obvious reference of the prediction map
+    expected = float((predicted == torch.tensor(rows["label"][:10])).float().mean())
+    assert summary["n_examples"] == 10 and summary["clean"]["accuracy"] == pytest.approx(expected)
+    assert summary["attacks"] == {}
+
+    assert run_cli(*args, "--attack", "pgd", "--output-dir", str(tmp_path / "e2"), "--max-examples", "4") == 2
+    assert (
+        run_cli(
+            *args[:2], "--task", "sst2", "--task-path", str(tmp_path / "hans"), "--output-dir", str(tmp_path / "e3")
+        )
+        == 2
+    )

@@ -17,6 +17,9 @@ EXIT_BAD_INPUT = 2
 _FLAGS = {
     "model": "model",
     "file": "data.file",
+    "task": "data.task",
+    "task_path": "data.task_path",
+    "split": "data.split",
     "text_column": "data.text_column",
     "text_pair_column": "data.text_pair_column",
     "label_column": "data.label_column",
@@ -56,10 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML eval config (keys: see uegr_dist/robustness/config.py)")
     p.add_argument("--model", help="directory saved by uegr-train (model.safetensors, config.json, tokenizer)")
     p.add_argument("--file", help="CSV/TSV/JSON/JSONL/Parquet file with text and label columns")
+    p.add_argument(
+        "--task", help="a registered task instead of --file (e.g. adv_sst2, anli_r1, hans; uegr-train --list-tasks)"
+    )
+    p.add_argument("--task-path", help="local copy of the task's Hub dataset (save_to_disk folder); default: the Hub")
+    p.add_argument("--split", help="the task's split: validation (default), test, mismatched (MNLI)")
     p.add_argument("--text-column", help="default: text")
     p.add_argument("--text-pair-column", help="second text of a pair (NLI hypothesis); default: none")
     p.add_argument("--label-column", help="default: label (ids, or names from the model's label2id)")
-    p.add_argument("--attack", help="comma list of char, word-mlm, word-synonym, pgd (default: char,pgd)")
+    p.add_argument(
+        "--attack",
+        help="comma list of char, word-mlm, word-synonym, pgd (default: char,pgd); none = clean accuracy only",
+    )
     p.add_argument("--output-dir", help="where summary.json, report.md, examples_<attack>.jsonl go")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/summary.json")
     p.add_argument("--max-examples", type=int, help="attack the first N rows (default 1000)")
@@ -106,7 +117,7 @@ def flags_to_overrides(args: argparse.Namespace) -> dict[str, Any]:
                 raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)!r}: {err}") from err
         _set(tree, dotted, value)
     if args.attack is not None:
-        tree["attacks"] = [a.strip() for a in args.attack.split(",") if a.strip()]
+        tree["attacks"] = [a.strip() for a in args.attack.split(",") if a.strip() and a.strip() != "none"]
     if args.overwrite:
         tree["overwrite"] = True
     if args.no_progress:

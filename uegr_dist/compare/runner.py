@@ -70,8 +70,7 @@ def _train_command(run: Run, suite: Suite, config_path: Path) -> list[str]:
 def _eval_command(run: Run, suite: Suite, target: EvalTarget, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "uegr_dist.cli.eval", "--model", str(run.directory), *target.data_args]
     cmd += ["--output-dir", str(out), "--max-examples", str(suite.robustness.max_examples), "--seed", str(run.seed)]
-    if target.attacks:
-        cmd += ["--attack", ",".join(target.attacks)]
+    cmd += ["--attack", ",".join(target.attacks) or "none"]
     return [*cmd, *suite.robustness.args]
 
 

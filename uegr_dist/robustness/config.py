@@ -19,6 +19,9 @@ class EvalDataConfig:
     """Which examples are attacked."""
 
     file: str | None = None  # CSV/TSV/JSON/JSONL/Parquet with text (+ pair) and label columns
+    task: str | None = None  # a registered task (uegr_dist/data/tasks.py): AdvGLUE, ANLI, HANS, GLUE dev sets, ...
+    task_path: str | None = None  # a local copy of the task's Hub dataset (as for uegr-train --data.task_path)
+    split: str = "validation"  # which of the task's splits (a role: validation, test, mismatched)
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
@@ -100,8 +103,10 @@ def validate(cfg: EvalConfig) -> EvalConfig:
         raise ConfigError("model = None: give the directory of a saved model (--model DIR)")
     if cfg.output_dir is not None and not cfg.output_dir.strip():
         raise ConfigError("output_dir = '': give a directory path")
-    if not cfg.attacks:
-        raise ConfigError(f"attacks = []: name at least one of {', '.join(ATTACKS)}")
+    if cfg.data.file is not None and cfg.data.task is not None:
+        raise ConfigError("data: give one of data.file (--file) and data.task (--task), not both")
+    if cfg.data.task_path is not None and cfg.data.task is None:
+        raise ConfigError(f"data.task_path = {cfg.data.task_path!r} needs data.task")
     for name in cfg.attacks:
         if name not in ATTACKS:
             raise ConfigError(f"attacks: unknown attack {name!r} (allowed: {', '.join(ATTACKS)})")

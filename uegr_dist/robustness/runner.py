@@ -18,7 +18,7 @@ from uegr_dist.config.loading import ConfigError
 from uegr_dist.rng import mix_key
 from uegr_dist.robustness.candidates import CharEdits, MaskedLMCandidates, SynonymCandidates
 from uegr_dist.robustness.config import EvalConfig, load_eval_config, validate
-from uegr_dist.robustness.examples import Example, load_examples
+from uegr_dist.robustness.examples import Example, load_examples, prediction_map
 from uegr_dist.robustness.metrics import summarize_pgd, summarize_text_attack
 from uegr_dist.robustness.pgd import pgd_batch
 from uegr_dist.robustness.report import write_report
@@ -137,6 +137,12 @@ def evaluate_robustness(cfg: EvalConfig | Mapping[str, Any]) -> dict[str, Any]:
     assert cfg.model is not None
     victim = load_victim(cfg.model, cfg.batch_size, cfg.data.max_length, procs.device)
     label2id = {str(k): int(v) for k, v in (victim.model.config.label2id or {}).items()}
+    victim.label_map = prediction_map(cfg.data, victim.num_labels)
+    if victim.label_map is not None and any(name.startswith("pgd") for name in cfg.attacks):
+        raise ConfigError(
+            f"attacks: pgd works on the model's own classes; task {cfg.data.task} merges them (prediction map): "
+            "use the text attacks or --attack none"
+        )
     examples = load_examples(cfg.data, label2id, victim.num_labels)
     batches = local_batches(examples, cfg.batch_size, procs.rank, procs.world)
     mine = [e for batch in batches for e in batch]

@@ -30,9 +30,13 @@ class Victim:
         # RoBERTa-style models offset positions by the padding index: 2 slots fewer are usable.
         self.max_length = min(max_length, positions - 2) if positions else max_length
         self.queries = 0
+        self.label_map: tuple[int, ...] | None = None
+        """Model class -> evaluated class (HANS with an MNLI model); probabilities of merged classes are summed."""
 
     @property
     def num_labels(self) -> int:
+        if self.label_map is not None:
+            return max(self.label_map) + 1
         return int(self.model.config.num_labels)
 
     def encode(self, texts: list[str], pairs: list[str] | None) -> dict[str, torch.Tensor]:
@@ -49,7 +53,11 @@ class Victim:
         for lo in range(0, len(texts), self.batch_size):
             chunk_pairs = pairs[lo : lo + self.batch_size] if pairs is not None else None
             logits = self.model(**self.encode(texts[lo : lo + self.batch_size], chunk_pairs)).logits
-            out.append(logits.float().softmax(dim=-1).cpu())
+            probs = logits.float().softmax(dim=-1).cpu()
+            if self.label_map is not None:
+                index = torch.tensor(self.label_map).expand(probs.shape[0], -1)
+                probs = torch.zeros(probs.shape[0], self.num_labels).scatter_add_(1, index, probs)
+            out.append(probs)
         self.queries += len(texts)
         if not out:
             return torch.empty(0, self.num_labels)
