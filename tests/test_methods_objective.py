@@ -211,7 +211,7 @@ def smart_reference_loss(ref_model, batch, opts, teacher=None):
     delta = normal_noise((4, 9, 32), ids, mix_key(SEED, 0, 1), "cpu") * opts["noise_std"] * mask.unsqueeze(2)
     delta.requires_grad_()
     adv = ref_model(inputs_embeds=embed.detach() + delta, attention_mask=mask).logits
-    ascent = kl(torch.softmax(adv.double(), -1), p.detach()).mean()
+    ascent = kl(torch.softmax(adv.double(), -1), p.detach()).sum()  # summed over the batch (see SMART's docstring)
     (grad,) = torch.autograd.grad(ascent, delta)
     delta = (delta + opts["step_size"] * grad / (grad.abs().amax(dim=(1, 2), keepdim=True) + 1e-6)).detach()
     delta = delta * mask.unsqueeze(2)
@@ -295,24 +295,23 @@ def _smart_reference_at(ref_model, batch, opts, teacher, micro_step):
         globals()["normal_noise"] = original
 
 
-def test_smart_bregman_refused_under_zero3():
+@pytest.mark.parametrize(
+    ("method_cfg", "module", "message"),
+    [
+        ({"name": "smart", "smart": {"bregman_mu": 1.0}}, "smart", r"method.smart.bregman_mu = 1.0: .*ZeRO-3"),
+        ({"name": "freelb"}, "freelb", r"method.name = freelb: not supported under DeepSpeed ZeRO-3"),
+    ],
+)
+def test_unsupported_zero3_combinations_fail_at_setup(method_cfg, module, message, monkeypatch):
     class Zero3Engine(torch.nn.Module):
         def zero_optimization_stage(self) -> int:
             return 3
 
-    model = tiny()
-    cfg = load_config(None, {"method": {"name": "smart", "smart": {"bregman_mu": 1.0}}}).method
-    method = SMART(cfg)
-    engine = Zero3Engine()
-    import uegr_dist.methods.smart as smart_module
-
-    original = smart_module.is_deepspeed_engine
-    smart_module.is_deepspeed_engine = lambda m: m is engine
-    try:
-        with pytest.raises(ConfigError, match=r"method.smart.bregman_mu = 1.0: .*ZeRO-3"):
-            method.setup(MethodContext(engine, model, None, [], seed=0))  # type: ignore[arg-type]
-    finally:
-        smart_module.is_deepspeed_engine = original
+    model, engine = tiny(), Zero3Engine()
+    monkeypatch.setattr(f"uegr_dist.methods.{module}.is_deepspeed_engine", lambda m: m is engine)
+    method = build_method(load_config(None, {"method": method_cfg}).method)
+    with pytest.raises(ConfigError, match=message):
+        method.setup(MethodContext(engine, model, None, [], seed=0))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- HyPe
@@ -609,3 +608,23 @@ def test_every_method_class_is_registered():
     for cls in (RDrop, FreeLB, SMART, HyPe, ASA):
         cfg = load_config(None, {"method": {"name": cls.name}}).method
         assert type(build_method(cfg)) is cls
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change: reset it around the test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+@pytest.mark.parametrize("name", sorted(E2E))
+def test_method_runs_under_bf16_autocast(name, easy_task, tmp_path):
+    overrides = tiny_run_overrides("bert", easy_task, tmp_path / name, method__name=name, **E2E[name])
+    overrides["train"].update(max_steps=3, mixed_precision="bf16", log_every=1, save_model=False)
+    result = train(load_config(None, overrides))
+    losses = [entry["loss"] for entry in result.metrics["train_loss"]]
+    assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from uegr_dist.config import MethodConfig
+from uegr_dist.backward import is_deepspeed_engine
+from uegr_dist.config import ConfigError, MethodConfig
 from uegr_dist.forward import install_chunk_dropout
 from uegr_dist.methods.base import Method, MethodContext, StepOutput, task_loss
 from uegr_dist.methods.noise import embedding_inputs, uniform_noise
@@ -56,8 +57,10 @@ class FreeLB(Method):
     in .grad). Under DeepSpeed one backward per micro-batch runs the engine step, so here each delta gradient comes
     from `torch.autograd.grad(loss_t, delta, retain_graph=True)` and the K losses are backpropagated once as
     sum_t loss_t: the same parameter gradient (linearity of the gradient), at the memory cost of keeping the K
-    graphs until the backward. The embedding lookup e = E(x) is shared by the K passes, so E gets the sum of the K
-    gradients, as in the official code which recomputes E(x) every step.
+    graphs until the backward. Only the last pass runs through the wrapped model (DDP / DeepSpeed count one forward
+    per backward); the first K - 1 use the unwrapped module. Refused under ZeRO-3 (see `setup`). The embedding
+    lookup e = E(x) is shared by the K passes, so E gets the sum of the K gradients, as in the official code which
+    recomputes E(x) every step.
     Same dropout masks across the K steps (the paper's §3.3): dropout is keyed by the micro-batch and the row, and
     every pass reuses the key. Row keys are the sample ids with `method.rng: keyed` (a 2-process run then equals the
     1-process run) and a per-micro-batch draw from torch's generator otherwise; delta_0 follows the same rule.
@@ -74,6 +77,12 @@ class FreeLB(Method):
     def setup(self, ctx: MethodContext) -> None:
         """Keyed dropout (same masks in every ascent pass) and the embedding lookup of the unwrapped model."""
         super().setup(ctx)
+        if is_deepspeed_engine(ctx.model) and ctx.model.zero_optimization_stage() == 3:
+            raise ConfigError(
+                "method.name = freelb: not supported under DeepSpeed ZeRO-3, which releases the gathered parameters "
+                "after the first delta gradient while FreeLB backpropagates all K retained graphs once; use "
+                "ZeRO-1/2 or DDP"
+            )
         self.controller = install_chunk_dropout(ctx.base_model)
         self.embeddings = ctx.base_model.get_input_embeddings()
 
@@ -95,8 +104,11 @@ class FreeLB(Method):
         norms = []
         for t in range(opts.steps):
             delta.requires_grad_(True)
+            # One forward through the wrapped model per backward (what DDP and DeepSpeed's engine count on): the
+            # first K - 1 passes use the unwrapped module; the single backward still reaches every pass's graph.
+            net = model if t + 1 == opts.steps else self.ctx.base_model
             with self.controller.chunks([None], row_keys=row_keys, key=mix_key(key, _DROPOUT_STREAM)):
-                logits = model(inputs_embeds=embeds + delta.to(embeds.dtype), **extra).logits
+                logits = net(inputs_embeds=embeds + delta.to(embeds.dtype), **extra).logits
             loss_t = task_loss(logits, labels) / opts.steps
             total = total + loss_t
             if first_logits is None:

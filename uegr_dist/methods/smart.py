@@ -24,12 +24,14 @@ _NOISE_STREAM = 1
 
 
 def ascent_divergence(perturbed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """perturbed [B, C], target [B, C] (constant) -> scalar: mean_b KL(P_perturbed || P_target); regression: MSE."""
+    """perturbed [B, C], target [B, C] (constant) -> scalar: sum_b KL(P_perturbed || P_target); regression: summed
+    squared error. Summed, not averaged, over the batch: each example's gradient (hence its ascent step, whose
+    normalization has the additive norm_eps) then does not depend on how many examples share its micro-batch."""
     if perturbed.shape[-1] == 1:
-        return (perturbed[:, 0].float() - target[:, 0].float()).pow(2).mean()
+        return (perturbed[:, 0].float() - target[:, 0].float()).pow(2).sum()
     log_p = torch.log_softmax(perturbed.float(), dim=-1)
     log_q = torch.log_softmax(target.float(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+    return (log_p.exp() * (log_p - log_q)).sum()
 
 
 def smoothness(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
@@ -49,7 +51,7 @@ def smart_ascent(delta: torch.Tensor, grad: torch.Tensor, step_size: float, norm
 class SMART(Method):
     """L = task(f(e)) + lambda_s * R + mu * D_Breg, with
 
-    delta_0 ~ N(0, sigma^2) on non-pad tokens; `steps` times: g = d/d(delta) KL(P(e + delta) || sg P(e)),
+    delta_0 ~ N(0, sigma^2) on non-pad tokens; `steps` times: g = d/d(delta) sum_b KL(P(e + delta) || sg P(e)),
     delta <- delta + eta * g / (max|g| + 1e-6); R = KL(sg P(e) || P(e + delta)) + KL(sg P(e + delta) || P(e)).
     D_Breg = KL(P_teacher(e) || P(e)) + KL(P(e) || P_teacher(e)) with the teacher a constant EMA of the parameters:
     theta~ <- beta * theta~ + (1 - beta) * theta at the start of every optimizer step (theta~ = theta at step 0),
@@ -58,7 +60,9 @@ class SMART(Method):
 
     Deviations: the max |g| normalization is per example as in the paper's Algorithm 1 (the authors' mt-dnn code
     normalizes per token and rescales delta + eta g; we follow the paper), and there is no projection onto an
-    eps-ball. R's stop-gradients follow mt-dnn's symmetric-KL criterion (each KL's target is a constant). The ascent
+    eps-ball; the ascent objective is summed over the batch (mt-dnn averages it), which makes the step independent of
+    the micro-batch size and so of the process count. R's stop-gradients follow mt-dnn's symmetric-KL criterion
+    (each KL's target is a constant). The ascent
     passes run through the unwrapped model (only delta gets a gradient); regression uses squared differences.
     Randomness: delta_0 is keyed by (seed, micro-batch index, sample id) with `method.rng: keyed`, so a 2-process
     run equals the 1-process run when dropout is off or keyed elsewhere; model dropout itself uses torch's generator.
@@ -119,7 +123,10 @@ class SMART(Method):
         labels, attention_mask = batch["labels"], batch["attention_mask"]
         extra = embedding_inputs(batch)
         embeds = self.embeddings(batch["input_ids"])  # [B, S, D]
-        logits = model(inputs_embeds=embeds, **extra).logits
+        # One forward through the wrapped model per backward (what DDP and DeepSpeed's engine count on): with the
+        # regularizer on, the clean pass uses the unwrapped module and the perturbed pass the wrapped one.
+        clean_net = self.ctx.base_model if opts.weight > 0 else model
+        logits = clean_net(inputs_embeds=embeds, **extra).logits
         task = task_loss(logits, labels)
         loss = task
         logs = {"task_loss": task.item()}
