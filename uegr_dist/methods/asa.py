@@ -87,9 +87,9 @@ class ASA(Method):
     Clean and adversarial passes run as ONE forward of the batch stacked [x; x] (independent dropout masks).
     Defaults: tau = 0.5 (`method.asa.tau`). Inference and the saved model use plain attention.
 
-    Deviations / choices: the adversary shares W_Q, W_K with the model (the paper's parameter-shared variant); the
-    scores come from the adversarial pass's own hidden states; the budget normalization (mean count of masked keys
-    per query) is ours. Regression: squared difference of the two predictions replaces the KL terms.
+    Deviations / choices: the adversary shares W_Q, W_K with the model (no extra parameters: our reading of the
+    paper); the scores come from the adversarial pass's own hidden states; the budget normalization (mean count of
+    masked keys per query) is ours. Regression: squared difference of the two predictions replaces the KL terms.
     Supported: BERT and RoBERTa with eager or sdpa attention. With dropout off the step is deterministic, so 2
     processes equal 1; dropout uses torch's generator.
     """

@@ -61,8 +61,8 @@ class FreeLB(Method):
     per backward); the first K - 1 use the unwrapped module. Refused under ZeRO-3 (see `setup`). The embedding
     lookup e = E(x) is shared by the K passes, so E gets the sum of the K gradients, as in the official code which
     recomputes E(x) every step.
-    Same dropout masks across the K steps (the paper's §3.3): dropout is keyed by the micro-batch and the row, and
-    every pass reuses the key. Row keys are the sample ids with `method.rng: keyed` (a 2-process run then equals the
+    Same dropout masks across the K steps (as the paper prescribes): dropout is keyed by the micro-batch and the row,
+    and every pass reuses the key. Row keys are the sample ids with `method.rng: keyed` (a 2-process run then equals the
     1-process run) and a per-micro-batch draw from torch's generator otherwise; delta_0 follows the same rule.
     Defaults (`method.freelb`): K = 3, adv_lr = 0.1, init_mag = 0.6, max_norm = 0 (no projection), l2.
     Regression: MSE replaces CE. The logged clean logits are those of the first pass (e + delta_0).

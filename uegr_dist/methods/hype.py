@@ -31,8 +31,8 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
 
 class HyPe(Method):
     """L = task(f~(x), y) where layer l of f~ sees h_{l-1} + n_l, n_l ~ N(0, sigma^2) (HyPe-N, default) or
-    U(-sigma, sigma) (HyPe-U), sigma = `method.hype.scale` (default 1e-5), for every layer l = 1..L (the embedding
-    output included, as in the authors' code). The noise is added only inside the method's training forward: evaluation
+    U(-sigma, sigma) (HyPe-U), sigma = `method.hype.scale` (default 1e-5), for every layer l = 1..L (the first
+    layer's input is the embedding output). The noise is added only inside the method's training forward: evaluation
     and the saved model are the plain network (the hooks are removed at teardown). Composes with dropout.
     Randomness: with `method.rng: keyed` n_l of sample i is keyed by (seed, micro-batch index, layer, sample id), so a
     2-process run equals the 1-process run (with dropout off or keyed); `fast` draws from torch's generator.

@@ -58,12 +58,12 @@ class SMART(Method):
     run without dropout. Defaults (`method.smart`): lambda_s = 1, sigma = 1e-5, eta = 1e-3, 1 step, mu = 0 (off),
     beta = 0.99.
 
-    Deviations: the max |g| normalization is per example as in the paper's Algorithm 1 (the authors' mt-dnn code
-    normalizes per token and rescales delta + eta g; we follow the paper), and there is no projection onto an
-    eps-ball; the ascent objective is summed over the batch (mt-dnn averages it), which makes the step independent of
-    the micro-batch size and so of the process count. R's stop-gradients follow mt-dnn's symmetric-KL criterion
-    (each KL's target is a constant). The ascent
-    passes run through the unwrapped model (only delta gets a gradient); regression uses squared differences.
+    Deviations: the max |g| normalization is per example as in the paper's Algorithm 1 (the authors' mt-dnn code,
+    as we read it, normalizes per token and rescales delta + eta g; we follow the paper), and there is no projection
+    onto an eps-ball; the ascent objective is summed over the batch (mt-dnn averages it), which makes the step
+    independent of the micro-batch size and so of the process count. R's stop-gradients follow mt-dnn's symmetric-KL
+    criterion (each KL's target is a constant). The ascent passes and, with lambda_s > 0, the clean pass run through
+    the unwrapped model (one wrapped forward per backward); regression uses squared differences.
     Randomness: delta_0 is keyed by (seed, micro-batch index, sample id) with `method.rng: keyed`, so a 2-process
     run equals the 1-process run when dropout is off or keyed elsewhere; model dropout itself uses torch's generator.
     The Bregman teacher (mu > 0) keeps an fp32 copy of every trainable parameter per process; it is refused under
