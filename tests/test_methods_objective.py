@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from tests.conftest import TINY_MODELS, tiny_run_overrides
@@ -628,3 +629,16 @@ def test_method_runs_under_bf16_autocast(name, easy_task, tmp_path):
     result = train(load_config(None, overrides))
     losses = [entry["loss"] for entry in result.metrics["train_loss"]]
     assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
+
+
+def test_cli_refuses_asa_on_deberta_with_exit_2_and_writes_nothing(easy_task, tmp_path, capsys):
+    from uegr_dist.cli.train import main
+
+    cfg_path, out = tmp_path / "run.yaml", tmp_path / "never"
+    cfg = tiny_run_overrides("deberta-v2", easy_task, out)
+    cfg["method"] = {"name": "asa"}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert "uegr-train: error: method.name = asa:" in err and "DeBERTa-v2" in err
+    assert not (out / "config.yaml").exists() and not (out / "metrics.json").exists()
