@@ -642,3 +642,18 @@ def test_cli_refuses_asa_on_deberta_with_exit_2_and_writes_nothing(easy_task, tm
     err = capsys.readouterr().err
     assert "uegr-train: error: method.name = asa:" in err and "DeBERTa-v2" in err
     assert not (out / "config.yaml").exists() and not (out / "metrics.json").exists()
+
+
+def test_symmetric_kl_value_and_stop_gradient_form():
+    from uegr_dist.forward import symmetric_kl
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(5, 4, generator=gen, dtype=torch.float64) * 3 for _ in range(2))
+    p, q = torch.softmax(a, -1), torch.softmax(b, -1)
+    torch.testing.assert_close(symmetric_kl(a, b).double(), kl(p, q) + kl(q, p), rtol=1e-5, atol=1e-6)
+    # Stop-gradient form: same value; the gradient wrt a is that of KL(sg P_b || P_a) + KL(sg P_a || P_b).
+    a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    symmetric_kl(a1, b, stop_gradient_targets=True).sum().backward()
+    pa = torch.softmax(a2, -1)
+    (kl(q, pa) + kl(pa.detach(), q)).sum().backward()
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-4, atol=1e-6)
