@@ -160,10 +160,56 @@ class MaskConfig:
 
 
 @dataclass
+class RDropConfig:
+    """R-Drop (Liang et al., 2021): two dropout passes and their symmetric KL."""
+
+    alpha: float = bounded(1.0, 0.0, doc="weight of 0.5 * (KL(p1||p2) + KL(p2||p1)); the paper searches 0.1-1.0")
+
+
+@dataclass
+class FreeLBConfig:
+    """FreeLB (Zhu et al., 2020): K ascent steps on an embedding perturbation, parameter gradients averaged."""
+
+    steps: int = bounded(3, 1, 20, doc="K ascent steps (= forward passes) per micro-batch")
+    adv_lr: float = bounded(0.1, 0.0, lo_open=True, doc="ascent step size on the normalized delta gradient")
+    init_mag: float = bounded(0.6, 0.0, doc="delta_0 magnitude (l2: / sqrt(tokens * dim); linf: the bound itself)")
+    max_norm: float = bounded(0.0, 0.0, doc="projection radius of delta per example; 0 = no projection")
+    norm: str = choice("l2", "l2", "linf")
+
+
+@dataclass
+class SMARTConfig:
+    """SMART (Jiang et al., 2020): smoothness-inducing adversarial regularizer, optional Bregman proximal term."""
+
+    weight: float = bounded(1.0, 0.0, doc="lambda_s, weight of the symmetric-KL smoothness term (paper: 1, 3, 5)")
+    noise_std: float = bounded(1e-5, 0.0, doc="sigma of the Gaussian start delta_0")
+    step_size: float = bounded(1e-3, 0.0, doc="eta of the ascent step along g / (max|g| + norm_eps)")
+    steps: int = bounded(1, 0, 10, doc="ascent steps on delta (0: the random start only)")
+    norm_eps: float = bounded(1e-6, 0.0, lo_open=True)
+    bregman_mu: float = bounded(0.0, 0.0, doc="weight of the Bregman proximal term to an EMA teacher; 0 = off")
+    ema_beta: float = bounded(0.99, 0.0, 1.0, hi_open=True, doc="EMA decay of the teacher parameters")
+
+
+@dataclass
+class HyPeConfig:
+    """HyPe (Yuan et al., 2023): noise on the hidden states entering each transformer layer, training only."""
+
+    noise: str = choice("normal", "normal", "uniform", doc="normal: N(0, scale^2); uniform: U(-scale, scale)")
+    scale: float = bounded(1e-5, 0.0, lo_open=True)
+
+
+@dataclass
+class ASAConfig:
+    """ASA (Wu & Zhao, 2023): adversarial self-attention masks through gradient reversal, with a budget."""
+
+    tau: float = bounded(0.5, 0.0, doc="budget weight tau^2 on the mean number of masked attention units per query")
+
+
+@dataclass
 class MethodConfig:
     """The fine-tuning method and its hyper-parameters."""
 
-    name: str = choice("uegr", "uegr", "vanilla")
+    name: str = choice("uegr", "uegr", "vanilla", "rdrop", "freelb", "smart", "hype", "asa")
     alpha: float = bounded(1.0, 0.0)
     """Weight of the adversarial cross-entropy of the sub-models."""
     beta: float = bounded(1.0, 0.0)
@@ -177,6 +223,11 @@ class MethodConfig:
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    rdrop: RDropConfig = field(default_factory=RDropConfig)
+    freelb: FreeLBConfig = field(default_factory=FreeLBConfig)
+    smart: SMARTConfig = field(default_factory=SMARTConfig)
+    hype: HyPeConfig = field(default_factory=HyPeConfig)
+    asa: ASAConfig = field(default_factory=ASAConfig)
 
 
 @dataclass

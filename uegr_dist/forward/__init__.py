@@ -2,7 +2,7 @@
 
 from uegr_dist.forward.adversary import perturb_embeddings
 from uegr_dist.forward.chunk_dropout import ChunkDropoutController, ChunkedDropout, install_chunk_dropout
-from uegr_dist.forward.divergence import js_divergence, prediction_variance
+from uegr_dist.forward.divergence import js_divergence, prediction_variance, symmetric_kl
 from uegr_dist.forward.dropout_schedule import DropoutRateSchedule
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "js_divergence",
     "perturb_embeddings",
     "prediction_variance",
+    "symmetric_kl",
 ]

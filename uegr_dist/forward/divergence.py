@@ -25,3 +25,23 @@ def prediction_variance(preds: torch.Tensor) -> torch.Tensor:
     if preds.dim() != 2:
         raise ValueError(f"prediction_variance: preds must be [K, B], got shape {tuple(preds.shape)}")
     return preds.float().var(dim=0, correction=0)
+
+
+def symmetric_kl(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, *, stop_gradient_targets: bool = False
+) -> torch.Tensor:
+    """KL(P_a || P_b) + KL(P_b || P_a) in nats, P = softmax(logits) (float32): [B, C], [B, C] -> [B].
+
+    stop_gradient_targets: each KL takes its first argument (the target distribution) as a constant, so gradients
+    reach each side only through its log-probabilities (SMART's form; the value is unchanged).
+    """
+    if logits_a.shape != logits_b.shape or logits_a.dim() != 2:
+        raise ValueError(
+            f"symmetric_kl: logits must both be [B, C], got {tuple(logits_a.shape)} and {tuple(logits_b.shape)}"
+        )
+    log_a = torch.log_softmax(logits_a.float(), dim=-1)
+    log_b = torch.log_softmax(logits_b.float(), dim=-1)
+    target_a, target_b = (log_a.detach(), log_b.detach()) if stop_gradient_targets else (log_a, log_b)
+    kl_ab = (target_a.exp() * (target_a - log_b)).sum(dim=-1)
+    kl_ba = (target_b.exp() * (target_b - log_a)).sum(dim=-1)
+    return kl_ab + kl_ba

@@ -1,0 +1,42 @@
+"""Several methods in sequence through the real `train()`, in one process or under `accelerate launch`.
+
+Run as `python tests/distributed/methods_run.py SPEC REPORT` where SPEC is a JSON file {"base": <config dict>,
+"runs": {name: <overrides dict>}}. Each run trains into base.train.output_dir/<name> (the saved model is what the
+distributed tests compare); rank 0 writes REPORT (JSON): per run, the logged training losses and final metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from accelerate.state import PartialState
+
+from uegr_dist.config import load_config
+from uegr_dist.config.loading import merge
+from uegr_dist.engine.train_loop import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("spec")
+    parser.add_argument("report")
+    args = parser.parse_args()
+    spec = json.loads(Path(args.spec).read_text())
+    # train() ends with accelerator.end_training(), which destroys the process group that accelerate's state (a
+    # singleton) will not create again: the runs of one launch keep sharing it.
+    PartialState.destroy_process_group = lambda self, group=None: None  # type: ignore[method-assign]
+    report = {}
+    for name, overrides in spec["runs"].items():
+        raw = merge(spec["base"], overrides)
+        raw["train"] = {**raw["train"], "output_dir": str(Path(spec["base"]["train"]["output_dir"]) / name)}
+        result = train(load_config(None, raw))
+        report[name] = {"losses": [e["loss"] for e in result.metrics["train_loss"]], "final": result.metrics["final"]}
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args.report).write_text(json.dumps(report, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
