@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -132,8 +133,29 @@ def _check_cross_fields(cfg: Config) -> None:
             "model.architecture = None: model.init = random needs a transformers model_type "
             "(bert, roberta, deberta-v2, ...)"
         )
+    _check_method_fields(cfg)
     if cfg.data.validation_file is None and cfg.data.train_file is not None and cfg.data.validation_ratio >= 1:
         raise ConfigError(f"data.validation_ratio = {cfg.data.validation_ratio}: must be < 1")
+
+
+def _check_method_fields(cfg: Config) -> None:
+    """Options of the gradient-transform methods that depend on other sections."""
+    method = cfg.method
+    for key, pattern in (("childtuning.include", method.childtuning.include), ("roast.include", method.roast.include)):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"method.{key} = {pattern!r}: not a valid regular expression ({err})") from err
+    if method.name == "sam":
+        if cfg.train.grad_accum != 1:
+            raise ConfigError(
+                f"train.grad_accum = {cfg.train.grad_accum}: method sam takes one perturbation per optimizer step, "
+                "so it needs grad_accum 1 (raise train.batch_size instead)"
+            )
+        if method.sam.m_shards > cfg.train.batch_size:
+            raise ConfigError(
+                f"method.sam.m_shards = {method.sam.m_shards}: must be <= train.batch_size = {cfg.train.batch_size}"
+            )
 
 
 def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
