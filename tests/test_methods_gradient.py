@@ -1,0 +1,331 @@
+"""Gradient-transform and two-pass methods (ChildTuning-D, ChildTuning-F, RoAST, SAM / mSAM / ASAM): one step of each
+on a tiny float64 model equals a slow reference written from the paper's equations (same loss, same parameters
+after the AdamW step); each trains end to end through `train()`; bad options fail at start-up."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from tests.conftest import TINY_MODELS, tiny_run_overrides
+from uegr_dist.backward import MaskedAdamW
+from uegr_dist.config import ConfigError, load_config
+from uegr_dist.engine.train_loop import train
+from uegr_dist.methods import MethodContext, build_method
+from uegr_dist.methods.childtuning_f import CHILDTUNING_F_STREAM
+from uegr_dist.methods.roast import ROAST_STREAM
+from uegr_dist.rng import keyed_uniform_flat, mix_key
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LR, WEIGHT_DECAY, SEED = 1e-2, 0.01, 3
+ENCODER = r"(?:^|\.)layers?\.\d+\."
+
+
+class OneProcess:
+    """The two accelerator calls a method's forward_backward makes, for one process without mixed precision."""
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+
+def tiny_model(arch: str = "bert") -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        arch,
+        vocab_size=60,
+        num_labels=3,
+        pad_token_id=0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **TINY_MODELS[arch],
+    )
+    return AutoModelForSequenceClassification.from_config(cfg).double()
+
+
+def examples(n: int, seed: int, seq: int = 8) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(5, 60, (seq,), generator=gen)
+        mask = torch.ones(seq, dtype=torch.long)
+        mask[int(torch.randint(4, seq + 1, (1,), generator=gen)) :] = 0
+        label = torch.randint(0, 3, (), generator=gen)
+        rows.append({"input_ids": ids * mask, "attention_mask": mask, "labels": label, "sample_id": torch.tensor(i)})
+    return rows
+
+
+def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+DATA = examples(12, seed=1)
+
+
+def ce(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The objective every reference uses: mean cross-entropy of one ordinary forward (computed in float32 from the
+    float64 logits, as the engine's task loss)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits.float(), batch["labels"])
+
+
+def run_method(method_cfg: dict, batches: list[dict], steps_per_epoch: int = 100):
+    """The fast path: build the method, set it up on a tiny model and run len(batches) steps as the loop does."""
+    model = tiny_model()
+    cfg = load_config(None, {"method": method_cfg}).method
+    method = build_method(cfg)
+    optimizer = MaskedAdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    ctx = MethodContext(
+        model,
+        model,
+        optimizer,
+        list(model.named_parameters()),
+        seed=SEED,
+        train_dataset=DATA,
+        collate_fn=collate,
+        steps_per_epoch=steps_per_epoch,
+    )
+    method.setup(ctx)
+    losses, logs = [], []
+    for step, batch in enumerate(batches):
+        result = method.forward_backward(OneProcess(), model, batch, step, step)
+        logs.append(method.transform_gradients(step))
+        logs[-1]["grads"] = {name: param.grad.clone() for name, param in model.named_parameters()}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(result.loss.item())
+    return model, losses, logs
+
+
+def reference_adamw_step(model: torch.nn.Module, grads: dict[str, torch.Tensor], optimizer=None, fast_grads=None):
+    """Check the method's gradient against `grads` (both float64; the loss itself is float32), set .grad and take one
+    torch.optim.AdamW step (the optimizer is reused across steps)."""
+    if fast_grads is not None:
+        largest = max(float(grad.abs().max()) for grad in grads.values())
+        for name, grad in grads.items():
+            torch.testing.assert_close(fast_grads[name], grad, rtol=1e-6, atol=1e-7 * largest, msg=name)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    for name, param in model.named_parameters():
+        param.grad = grads[name].clone()
+    optimizer.step()
+    return optimizer
+
+
+def gradients(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    grads = torch.autograd.grad(loss, [p for _, p in model.named_parameters()], allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(model.named_parameters(), grads)}
+
+
+def reference_fisher(model: torch.nn.Module, names: list[str], batch_size: int) -> torch.Tensor:
+    """F = mean over the batches (dataset order) of the squared batch gradient, flattened over `names` in order."""
+    batches = [collate(DATA[i : i + batch_size]) for i in range(0, len(DATA), batch_size)]
+    total = None
+    for batch in batches:
+        grads = gradients(model, ce(model, batch))
+        flat = torch.cat([grads[n].reshape(-1) for n in names]) ** 2
+        total = flat if total is None else total + flat
+    return total / len(batches)
+
+
+@torch.no_grad()
+def assert_same_model(fast: torch.nn.Module, reference: torch.nn.Module, atol: float = 1e-10) -> None:
+    worst = max(
+        float((p - q).abs().max()) for (_, p), (_, q) in zip(fast.named_parameters(), reference.named_parameters())
+    )
+    assert worst <= atol, worst
+
+
+def apply_flat(grads: dict[str, torch.Tensor], names: list[str], factors: torch.Tensor) -> None:
+    start = 0
+    for name in names:
+        n = grads[name].numel()
+        grads[name] = grads[name] * factors[start : start + n].view_as(grads[name])
+        start += n
+
+
+BATCH = collate(DATA[:6])
+
+
+def test_childtuning_d_equals_reference():
+    fast, losses, logs = run_method(
+        {"name": "childtuning_d", "childtuning": {"reserve_p": 0.3, "fisher_batch_size": 5}}, [BATCH]
+    )
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters() if re.search(ENCODER, n)]
+    fisher = reference_fisher(model, names, batch_size=5)
+    k = math.ceil(0.3 * fisher.numel())
+    child = torch.zeros(fisher.numel(), dtype=torch.float64)
+    child[torch.argsort(fisher, descending=True, stable=True)[:k]] = 1.0
+    loss = ce(model, BATCH)
+    grads = gradients(model, loss)
+    apply_flat(grads, names, child)  # only encoder layers are masked; embeddings and head always update
+    reference_adamw_step(model, grads, fast_grads=logs[0]["grads"])
+
+    assert losses[0] == pytest.approx(loss.item(), rel=1e-6)
+    assert logs[0]["mask_kept_fraction"] == pytest.approx(k / fisher.numel())
+    assert_same_model(fast, model)
+
+
+def test_childtuning_f_equals_reference_and_p_one_is_vanilla():
+    batches = [BATCH, collate(DATA[6:])]
+    fast, losses, fast_logs = run_method({"name": "childtuning_f", "childtuning": {"p_f": 0.4}}, batches)
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters()]  # every trainable parameter, as the official code
+    numel = sum(p.numel() for p in model.parameters())
+    optimizer = None
+    for step, batch in enumerate(batches):
+        loss = ce(model, batch)
+        assert losses[step] == pytest.approx(loss.item(), rel=1e-6)
+        grads = gradients(model, loss)
+        uniform = keyed_uniform_flat(mix_key(SEED, CHILDTUNING_F_STREAM, step), 0, numel).double()
+        apply_flat(grads, names, (uniform < 0.4).double() / 0.4)
+        optimizer = reference_adamw_step(model, grads, optimizer, fast_logs[step]["grads"])
+    assert_same_model(fast, model)
+
+    vanilla, _, _ = run_method({"name": "vanilla"}, batches)
+    plain, _, logs = run_method({"name": "childtuning_f", "childtuning": {"p_f": 1.0}}, batches)
+    assert logs[0]["mask_kept_fraction"] == 1.0
+    assert_same_model(plain, vanilla, atol=0.0)
+
+
+def reference_rank(importance: torch.Tensor) -> torch.Tensor:
+    """Average relative rank (1 = largest) of the importance rounded down to its top 16 bits (2**-7 relative)."""
+    bits = importance.float().view(torch.int32) >> 16
+    ordered = torch.sort(bits).values
+    smaller = torch.searchsorted(ordered, bits, right=False)
+    equal = torch.searchsorted(ordered, bits, right=True) - smaller
+    return (smaller.double() + (equal.double() - 1) / 2) / (importance.numel() - 1)
+
+
+@pytest.mark.parametrize(("scale", "redraw"), [(False, "step"), (True, "epoch")])
+def test_roast_equals_reference_over_two_epochs(scale, redraw):
+    alpha, beta = 0.6, 4.0
+    batches = [BATCH, collate(DATA[6:])]
+    options = {"alpha": alpha, "beta": beta, "scale": scale, "redraw": redraw}
+    fast, losses, logs = run_method(
+        {"name": "roast", "roast": options, "childtuning": {"fisher_batch_size": 4}}, batches, steps_per_epoch=1
+    )
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters() if re.search(ENCODER, n)]
+    importance = reference_fisher(model, names, batch_size=4)  # epoch 0: the pre-pass
+    optimizer = None
+    for step, batch in enumerate(batches):  # one step per epoch: step = epoch
+        loss = ce(model, batch)
+        assert losses[step] == pytest.approx(loss.item(), rel=1e-6)
+        grads = gradients(model, loss)
+        prob = torch.sigmoid(2 * beta * (reference_rank(importance) - alpha))
+        uniform = keyed_uniform_flat(mix_key(SEED, ROAST_STREAM, step), 0, prob.numel()).double()
+        keep = (uniform < prob).double()
+        next_importance = torch.cat([grads[n].reshape(-1) for n in names]) ** 2  # this epoch's mean g^2
+        apply_flat(grads, names, keep / prob if scale else keep)
+        optimizer = reference_adamw_step(model, grads, optimizer, logs[step]["grads"])
+        assert logs[step]["mask_kept_fraction"] == pytest.approx(float(keep.mean()))
+        importance = next_importance
+    # p is float32 in the method: 1 / p rescaling differs from float64 at 1e-7 relative; a flipped draw would be ~LR.
+    assert_same_model(fast, model, atol=1e-8)
+
+
+def sam_reference(model, batch, rho, adaptive=False, eta=0.01):
+    """eps = rho g / ||g|| (ASAM: rho T^2 g / ||T g||, T = |w| + eta on weights); gradient at theta + eps."""
+    params = dict(model.named_parameters())
+    loss = ce(model, batch)
+    grads = gradients(model, loss)
+    scale = {n: p.detach().abs() + eta if adaptive and "weight" in n else torch.ones_like(p) for n, p in params.items()}
+    norm = torch.sqrt(sum(((scale[n] * g) ** 2).sum() for n, g in grads.items()))
+    eps = {n: rho * scale[n] ** 2 * g / norm for n, g in grads.items()}
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in perturbed.named_parameters():
+            p.add_(eps[n])
+    return loss, gradients(perturbed, ce(perturbed, batch))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_and_asam_equal_reference(adaptive):
+    rho = 0.5 if adaptive else 0.05
+    fast, losses, logs = run_method({"name": "sam", "sam": {"rho": rho, "adaptive": adaptive}}, [BATCH])
+    model = tiny_model()
+    loss, grads = sam_reference(model, BATCH, rho, adaptive)
+    reference_adamw_step(model, grads, fast_grads=logs[0]["grads"])
+    assert losses[0] == pytest.approx(loss.item(), rel=1e-6)
+    assert_same_model(fast, model)
+    moved = dict(tiny_model().named_parameters())
+    assert any(not torch.equal(p, moved[n]) for n, p in fast.named_parameters())
+
+
+def test_msam_equals_size_weighted_mean_of_shard_sam_gradients():
+    rho, m = 0.1, 4
+    fast, losses, logs = run_method({"name": "sam", "sam": {"rho": rho, "m_shards": m}}, [BATCH])
+    model = tiny_model()
+    shards = torch.arange(6).tensor_split(m)  # sizes 2, 2, 1, 1
+    total, first = None, 0.0
+    for index in shards:
+        shard = {k: v[index] for k, v in BATCH.items()}
+        loss, grads = sam_reference(model, shard, rho)
+        weight = index.numel() / 6
+        first += weight * loss.item()
+        scaled = {n: weight * g for n, g in grads.items()}
+        total = scaled if total is None else {n: total[n] + scaled[n] for n in total}
+    reference_adamw_step(model, total, fast_grads=logs[0]["grads"])
+    assert losses[0] == pytest.approx(first, rel=1e-6)
+    # The shard losses are float32 (weights applied before / after the float32 loss): gradients agree to 1e-7
+    # relative, which AdamW's g / sqrt(g^2) turns into ~1e-6 on coordinates with near-zero gradients.
+    assert_same_model(fast, model, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("childtuning_d", {}),
+        ("childtuning_f", {"childtuning": {"p_f": 0.5}}),
+        ("roast", {"roast": {"alpha": 0.5, "beta": 5.0}}),
+        ("sam", {}),
+        ("sam", {"sam": {"m_shards": 2, "adaptive": True, "rho": 0.2}}),
+    ],
+)
+def test_method_trains_end_to_end(method, extra, easy_task, tmp_path):
+    cfg = tiny_run_overrides("bert", easy_task, tmp_path / "run", train__save_model=False)
+    cfg["method"] = {"name": method, **extra}
+    result = train(load_config(None, cfg))
+    losses = [entry["loss"] for entry in result.metrics["train_loss"]]
+    assert len(losses) == 16 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert result.metrics["final"]["accuracy"] >= 0.75
+    if method != "sam":
+        assert 0.0 < result.metrics["train_loss"][-1]["mask_kept_fraction"] < 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"method": {"name": "sam"}, "train": {"grad_accum": 2}}, "train.grad_accum = 2: method sam"),
+        ({"method": {"name": "sam", "sam": {"m_shards": 64}}, "train": {"batch_size": 8}}, "must be <= train.batch"),
+        ({"method": {"name": "sam", "sam": {"rho": 0}}}, "method.sam.rho = 0.0: must be in (0"),
+        ({"method": {"name": "childtuning_d", "childtuning": {"reserve_p": 1.5}}}, "reserve_p = 1.5: must be in (0"),
+        ({"method": {"name": "childtuning_f", "childtuning": {"p_f": 0}}}, "method.childtuning.p_f = 0"),
+        ({"method": {"name": "roast", "roast": {"include": "layer.("}}}, "method.roast.include = 'layer.(': not a"),
+        ({"method": {"name": "roast", "roast": {"redraw": "batch"}}}, "must be one of step, epoch"),
+    ],
+)
+def test_bad_method_options_fail_with_the_key(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert message in str(error.value)
+
+
+def test_include_matching_nothing_fails_before_writing(easy_task, tmp_path):
+    cfg = tiny_run_overrides("bert", easy_task, tmp_path / "run")
+    cfg["method"] = {"name": "childtuning_d", "childtuning": {"include": "no_such_parameter"}}
+    with pytest.raises(ConfigError, match="matches no trainable parameter"):
+        train(load_config(None, cfg))
+    assert not (tmp_path / "run").exists()
