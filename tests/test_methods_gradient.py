@@ -305,6 +305,16 @@ def test_method_trains_end_to_end(method, extra, easy_task, tmp_path):
         assert 0.0 < result.metrics["train_loss"][-1]["mask_kept_fraction"] < 1.0
 
 
+@pytest.mark.parametrize("method", ["childtuning_d", "childtuning_f", "roast", "sam"])
+def test_method_runs_under_bf16_autocast(method, easy_task, tmp_path):
+    cfg = tiny_run_overrides("bert", easy_task, tmp_path / "run", train__save_model=False, train__max_steps=4)
+    cfg["train"]["mixed_precision"] = "bf16"
+    cfg["method"] = {"name": method}
+    result = train(load_config(None, cfg))
+    losses = [entry["loss"] for entry in result.metrics["train_loss"]]
+    assert result.metrics["train"]["steps"] == 4 and all(math.isfinite(x) for x in losses)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

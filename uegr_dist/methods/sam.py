@@ -77,7 +77,7 @@ class SAM(Vanilla):
         flat = torch.cat([g.reshape(-1) for g in grads])
         self.ctx.all_reduce_sum(flat)
         flat /= self.ctx.num_processes
-        torch._foreach_copy_(grads, list(flat.split([g.numel() for g in grads])))
+        torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
     @torch.no_grad()
     def perturbation(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
