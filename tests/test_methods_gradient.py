@@ -333,6 +333,33 @@ def test_bad_method_options_fail_with_the_key(overrides, message):
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize("method", ["sam", "childtuning_d", "roast"])
+def test_zero3_is_refused_at_setup(method):
+    deepspeed = pytest.importorskip("deepspeed")
+
+    class ZeroStage3Engine(deepspeed.DeepSpeedEngine):
+        """Stands in for a ZeRO-3 engine: only the stage is asked before the refusal."""
+
+        def __init__(self) -> None:  # no engine is built
+            pass
+
+        def zero_optimization_stage(self) -> int:
+            return 3
+
+    model = tiny_model()
+    ctx = MethodContext(
+        ZeroStage3Engine(),
+        model,
+        MaskedAdamW(model.parameters()),
+        list(model.named_parameters()),
+        seed=0,
+        train_dataset=DATA,
+        collate_fn=collate,
+    )
+    with pytest.raises(ConfigError, match=f"method.name = {method}: .*ZeRO-3"):
+        build_method(load_config(None, {"method": {"name": method}}).method).setup(ctx)
+
+
 def test_include_matching_nothing_fails_before_writing(easy_task, tmp_path):
     cfg = tiny_run_overrides("bert", easy_task, tmp_path / "run")
     cfg["method"] = {"name": "childtuning_d", "childtuning": {"include": "no_such_parameter"}}
