@@ -55,7 +55,7 @@ class MethodContext:
     collate_fn: Any = None
     """Turns a list of training examples into a batch (the training loader's collator)."""
     steps_per_epoch: int = 0
-    """Optimizer steps per epoch of this run (for methods refreshed once per epoch)."""
+    """Optimizer steps per epoch of this run (for methods refreshed once per epoch; 0: not known)."""
     all_reduce_sum: Any = None
     """In-place sum of a tensor over processes (None in one process)."""
 

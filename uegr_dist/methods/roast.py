@@ -63,7 +63,8 @@ class RoAST(CoordinateMaskMethod):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Refresh p at an epoch start, accumulate this step's g^2 [n], draw the keyed Bernoulli mask."""
         cfg = self.cfg.roast
-        epoch = step // max(self.ctx.steps_per_epoch, 1)
+        # steps_per_epoch 0 (not given): one epoch, the pre-pass importance throughout.
+        epoch = step // self.ctx.steps_per_epoch if self.ctx.steps_per_epoch > 0 else 0
         if self.prob is None or (epoch != self.epoch and self.count > 0):
             if self.prob is None and self.sum_sq is None:
                 assert self.initial is not None
