@@ -305,8 +305,18 @@ def test_method_trains_end_to_end(method, extra, easy_task, tmp_path):
         assert 0.0 < result.metrics["train_loss"][-1]["mask_kept_fraction"] < 1.0
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state whose precision cannot change: reset it around a bf16 run."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("method", ["childtuning_d", "childtuning_f", "roast", "sam"])
-def test_method_runs_under_bf16_autocast(method, easy_task, tmp_path):
+def test_method_runs_under_bf16_autocast(method, easy_task, tmp_path, fresh_accelerator_state):
     cfg = tiny_run_overrides("bert", easy_task, tmp_path / "run", train__save_model=False, train__max_steps=4)
     cfg["train"]["mixed_precision"] = "bf16"
     cfg["method"] = {"name": method}
