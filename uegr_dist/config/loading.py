@@ -146,13 +146,13 @@ def _check_method_fields(cfg: Config) -> None:
             re.compile(pattern)
         except re.error as err:
             raise ConfigError(f"method.{key} = {pattern!r}: not a valid regular expression ({err})") from err
-    if method.name == "sam":
+    if method.name in ("sam", "mat"):
         if cfg.train.grad_accum != 1:
             raise ConfigError(
-                f"train.grad_accum = {cfg.train.grad_accum}: method sam takes one perturbation per optimizer step, "
-                "so it needs grad_accum 1 (raise train.batch_size instead)"
+                f"train.grad_accum = {cfg.train.grad_accum}: method {method.name} updates the parameters once per "
+                "batch, so it needs grad_accum 1 (raise train.batch_size instead)"
             )
-        if method.sam.m_shards > cfg.train.batch_size:
+        if method.name == "sam" and method.sam.m_shards > cfg.train.batch_size:
             raise ConfigError(
                 f"method.sam.m_shards = {method.sam.m_shards}: must be <= train.batch_size = {cfg.train.batch_size}"
             )

@@ -177,10 +177,33 @@ class SamConfig:
 
 
 @dataclass
+class MatConfig:
+    """MAT (Zhong et al., IJCAI 2023): SGLD sampling of embedding perturbations and parameters. The defaults are
+    cheap (tests, CPU); the paper's are k_theta / k_delta = 20 / 3 or 30 / 5."""
+
+    k_delta: int = bounded(1, 1, 100)
+    """SGLD ascent steps on the perturbation per batch."""
+    k_theta: int = bounded(2, 1, 100)
+    """SGLD descent steps on the parameters per batch."""
+    eta_delta: float = bounded(1e-3, 0.0, lo_open=True)
+    eta_theta: float = bounded(3e-5, 0.0, lo_open=True)
+    sigma_delta: float = bounded(1e-5, 0.0)
+    """Langevin noise scale of the perturbation steps (0: plain gradient ascent)."""
+    sigma_theta: float = bounded(0.0, 0.0)
+    """Langevin noise scale of the parameter steps (0: plain gradient descent)."""
+    init_std: float = bounded(1e-5, 0.0, lo_open=True)
+    """Standard deviation of the initial perturbation (the KL term has zero gradient at delta = 0)."""
+    lambda_s: float = bounded(1.0, 0.0)
+    """Weight of the symmetric-KL smoothness term."""
+    beta: float = bounded(0.3, 0.0, 1.0, hi_open=True)
+    """EMA factor of delta_bar and theta_bar; final theta = beta theta_0 + (1 - beta) theta_bar."""
+
+
+@dataclass
 class MethodConfig:
     """The fine-tuning method and its hyper-parameters."""
 
-    name: str = choice("uegr", "uegr", "vanilla", "childtuning_d", "childtuning_f", "roast", "sam")
+    name: str = choice("uegr", "uegr", "vanilla", "childtuning_d", "childtuning_f", "roast", "sam", "mat")
     alpha: float = bounded(1.0, 0.0)
     """Weight of the adversarial cross-entropy of the sub-models."""
     beta: float = bounded(1.0, 0.0)
@@ -197,6 +220,7 @@ class MethodConfig:
     childtuning: ChildTuningConfig = field(default_factory=ChildTuningConfig)
     roast: RoastConfig = field(default_factory=RoastConfig)
     sam: SamConfig = field(default_factory=SamConfig)
+    mat: MatConfig = field(default_factory=MatConfig)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from uegr_dist.config import MethodConfig
 from uegr_dist.methods.base import Method, MethodContext, StepOutput, model_inputs, task_loss
 from uegr_dist.methods.childtuning_d import ChildTuningD
 from uegr_dist.methods.childtuning_f import ChildTuningF
+from uegr_dist.methods.mat import MAT
 from uegr_dist.methods.roast import RoAST
 from uegr_dist.methods.sam import SAM
 from uegr_dist.methods.uegr import UEGR
@@ -16,9 +17,10 @@ METHODS: dict[str, type[Method]] = {
     "childtuning_f": ChildTuningF,
     "roast": RoAST,
     "sam": SAM,
+    "mat": MAT,
 }
 # Methods whose constructor takes the MethodConfig (the others take no argument).
-_CONFIGURED = {"uegr", "childtuning_d", "childtuning_f", "roast", "sam"}
+_CONFIGURED = {"uegr", "childtuning_d", "childtuning_f", "roast", "sam", "mat"}
 
 
 def build_method(cfg: MethodConfig) -> Method:
@@ -32,6 +34,7 @@ __all__ = [
     "METHODS",
     "ChildTuningD",
     "ChildTuningF",
+    "MAT",
     "Method",
     "MethodContext",
     "RoAST",
