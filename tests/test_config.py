@@ -45,7 +45,7 @@ def test_override_parsing_nests_and_types():
         (["--method.mask.ratio", "0"], "method.mask.ratio = 0.0: must be in (0.0, 1.0]"),
         (["--method.mask.ratio", "1.5"], "method.mask.ratio = 1.5: must be in (0.0, 1.0]"),
         (["--method.mask.scope", "layer"], "method.mask.scope = 'layer': must be one of global, per_layer, per_tensor"),
-        (["--method.name", "sam"], "method.name = 'sam': must be one of uegr, vanilla"),
+        (["--method.name", "adam"], "method.name = 'adam': must be one of uegr, vanilla, rdrop, freelb"),
         (["--train.progress", "maybe"], "train.progress = 'maybe': expected true or false"),
         (["--method.dropout.p_min", "0.4"], "method.dropout.p_min = 0.4 > method.dropout.p_max = 0.3"),
         (["--model.init", "random"], "model.architecture = None"),

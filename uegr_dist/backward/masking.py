@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -49,6 +49,39 @@ class MaskStats:
     def keep_fraction(self) -> float:
         """kept / total."""
         return self.kept / max(self.total, 1)
+
+
+class MaskLayout(NamedTuple):
+    """Where this rank's covered coordinates sit: the local score buffer [n] in segment order, in runs of
+    consecutive global (canonical) positions."""
+
+    segment_offsets: torch.Tensor
+    """int64 [S+1]: segment s is buffer[o[s]:o[s+1]]."""
+    position_runs: torch.Tensor
+    """int64 [R, 2]: (local start, global start) of each run."""
+    run_sizes: list[int]
+    """Elements of each run [R]."""
+
+    def local_values(self, full: torch.Tensor) -> torch.Tensor:
+        """The entries of a canonical-order vector full [total] that this rank's buffer holds ([n], buffer order)."""
+        pieces = [
+            full[position : position + size] for (_, position), size in zip(self.position_runs.tolist(), self.run_sizes)
+        ]
+        return torch.cat(pieces) if pieces else full[:0]
+
+
+class MaskSelector(Protocol):
+    """A method's own choice of the kept coordinates (instead of the hard / soft saliency top-rho).
+
+    Called once per optimizer step with this rank's scores (float32 [n], the masker's saliency of the reduced
+    gradient, in `layout` order), the step and the cross-rank sum (None in one process, or when every rank holds all
+    coordinates). Returns keep (bool [n]) and a gradient multiplier (float32 [n], 0 where not kept) or None (the
+    gradient is multiplied by keep). Every rank must get the same answer for the same global position.
+    """
+
+    def __call__(
+        self, scores: torch.Tensor, layout: MaskLayout, step: int, all_reduce_sum: AllReduceSum | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 def segment_names(names: Sequence[str], scope: str) -> list[str]:
@@ -160,6 +193,8 @@ class GradientMasker:
     Equal scores share their mean rank instead of being ordered arbitrarily, so a segment with many exact ties (zero
     gradients of unused embedding rows) keeps fewer than rho of its coordinates in expectation; hard masks keep
     exactly k, splitting ties by position.
+    selector: a method's own keep rule (`MaskSelector`), replacing hard / soft selection; it may also rescale
+    the kept gradients.
     """
 
     def __init__(
@@ -174,8 +209,10 @@ class GradientMasker:
         soft_temperature: float = 10.0,
         exclude: Sequence[str] = (),
         seed: int = 0,
+        selector: MaskSelector | None = None,
     ) -> None:
         check_mask_options(ratio, kind, soft_temperature)
+        self.selector = selector
         self.ratio, self.scope, self.kind = ratio, scope, kind
         self.soft_temperature, self.seed = soft_temperature, seed
         self.scorer = SaliencyScorer(saliency, ema_beta=ema_beta)
@@ -209,6 +246,7 @@ class GradientMasker:
         self.position_runs = torch.tensor(runs, dtype=torch.int64, device=self.device)
         self.scores = torch.zeros(self.total, dtype=torch.float32, device=self.device)
         self.score_views = self._views(self.scores)
+        self.layout = MaskLayout(self.segment_offsets, self.position_runs, [param.numel() for param in self.params])
         self._mask: torch.Tensor | None = None
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -224,14 +262,19 @@ class GradientMasker:
         """Score the current gradients, build this step's mask and zero the gradients of the dropped coordinates."""
         grads = [param.grad for param in self.params]
         scores = self.scorer.score_(self.scores, self.score_views, self.params, grads)
-        if self.kind == "hard":
+        multiplier = None
+        if self.selector is not None:
+            keep, multiplier = self.selector(scores, self.layout, step, None)
+            mean_threshold = math.nan
+        elif self.kind == "hard":
             keep, thresholds = select_top_k(scores, self.segment_offsets, self.k, position_runs=self.position_runs)
             mean_threshold = float(thresholds.threshold.nanmean())
         else:
             keep = self._soft_mask(scores, step)
             mean_threshold = math.nan
         self._mask = keep
-        masked = [(grad, view) for grad, view in zip(grads, self._views(keep)) if grad is not None]
+        factors = self._views(keep if multiplier is None else multiplier)
+        masked = [(grad, view) for grad, view in zip(grads, factors) if grad is not None]
         if masked:
             torch._foreach_mul_([grad for grad, _ in masked], [view for _, view in masked])
         return MaskStats(int(keep.count_nonzero()), self.total, self.k.numel(), mean_threshold)

@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 
 from uegr_dist.backward.masking import (
+    MaskLayout,
+    MaskSelector,
     MaskStats,
     check_mask_options,
     covered_parameters,
@@ -168,6 +170,9 @@ class ZeroGradientMasker:
     named_params: the model's trainable parameters in the canonical (optimizer) order, as given to the optimizer
     before `prepare`. Mask options as for `GradientMasker`; max_grad_norm > 0 clips the masked gradient (global
     norm) before the update. The DeepSpeed config must have gradient_clipping 0 (`configure_deepspeed_clipping`).
+    selector: a method's own keep rule (`MaskSelector`, given this rank's layout and the cross-rank sum) instead of
+    hard / soft selection. freeze_masked: hand the keep mask to MaskedAdamW so dropped coordinates keep value and
+    moments (UEGR); False: only the gradient is masked (and rescaled), the optimizer steps every coordinate.
     """
 
     def __init__(
@@ -184,8 +189,11 @@ class ZeroGradientMasker:
         exclude: Sequence[str] = (),
         seed: int = 0,
         max_grad_norm: float = 0.0,
+        selector: MaskSelector | None = None,
+        freeze_masked: bool = True,
     ) -> None:
         check_mask_options(ratio, kind, soft_temperature)
+        self.selector, self.freeze_masked = selector, freeze_masked
         if engine.gradient_clipping() != 0:
             raise ValueError(
                 f"DeepSpeed gradient_clipping = {engine.gradient_clipping()} while masking gradients: DeepSpeed "
@@ -248,6 +256,9 @@ class ZeroGradientMasker:
         self.segment_offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int64)
         self.position_runs = torch.tensor(runs or [(0, 0)], dtype=torch.int64)
         self.run_sizes = [length for *_, length in pieces]
+        self.layout = MaskLayout(self.segment_offsets, self.position_runs, self.run_sizes)
+        # Gradient multipliers per partition (1 on uncovered fragments, 0 on padding), only for rescaling selectors.
+        self._multipliers: list[torch.Tensor] | None = None
         # Local saliency scores [n] (this rank's covered coordinates only) and their per-fragment views.
         self.scores = torch.zeros(offset, dtype=torch.float32, device=device)
         self._score_views = list(self.scores.split(self.run_sizes)) if pieces else []
@@ -278,7 +289,8 @@ class ZeroGradientMasker:
                     if keep is not None and master.grad is not None:
                         if self._clip_coef != 1.0:
                             master.grad.mul_(self._clip_coef)
-                        masks[master] = keep
+                        if self.freeze_masked:
+                            masks[master] = keep
             self.inner.set_update_masks(masks)
             return inner_step(*args, **kwargs)
 
@@ -314,7 +326,11 @@ class ZeroGradientMasker:
         """Score this rank's gradient partition, select globally, zero dropped coordinates and set the clip factor."""
         grads = [partition.grad_views() for partition in self.partitions]
         scores = self.scorer.score_(self.scores, self._score_views, self._master_views, self._gradient_slices(grads))
-        if self.kind == "hard":
+        multiplier = None
+        if self.selector is not None:
+            keep, multiplier = self.selector(scores, self.layout, self.step, self._all_reduce_sum)
+            mean_threshold = math.nan
+        elif self.kind == "hard":
             keep, thresholds = select_top_k(
                 scores,
                 self.segment_offsets,
@@ -338,9 +354,12 @@ class ZeroGradientMasker:
             mean_threshold = math.nan
         if self._keep_views:
             torch._foreach_copy_(self._keep_views, list(keep.split(self.run_sizes)))
+        factors: list[torch.Tensor] = self.keep_masks
+        if multiplier is not None:
+            factors = self._multiplier_partitions(multiplier)
         norms = []
-        for views, keep_mask in zip(grads, self.keep_masks):
-            torch._foreach_mul_(views, list(keep_mask.split([t.numel() for t in views])))
+        for views, factor in zip(grads, factors):
+            torch._foreach_mul_(views, list(factor.split([t.numel() for t in views])))
             norms.extend(torch._foreach_norm(views, 2, dtype=torch.float32))
         # [squared norm of the masked gradient, kept count], summed over ranks in one collective.
         totals = torch.stack(
@@ -351,6 +370,15 @@ class ZeroGradientMasker:
         norm = math.sqrt(float(totals[0]))
         self._clip_coef = min(1.0, self.max_grad_norm / (norm + _CLIP_EPS)) if self.max_grad_norm > 0 else 1.0
         return MaskStats(int(totals[1]), self.total, self.k.numel(), mean_threshold)
+
+    def _multiplier_partitions(self, multiplier: torch.Tensor) -> list[torch.Tensor]:
+        """Per partition, float32 gradient factors: `multiplier` [n] on covered fragments, 1 / 0 elsewhere."""
+        if self._multipliers is None:
+            self._multipliers = [keep.to(torch.float32) for keep in self.keep_masks]  # uncovered 1, padding 0
+            self._multiplier_views = [self._multipliers[i][a : a + n] for i, a, n in self._pieces]
+        if self._multiplier_views:
+            torch._foreach_copy_(self._multiplier_views, list(multiplier.split(self.run_sizes)))
+        return self._multipliers
 
     def kept_positions(self) -> torch.Tensor:
         """Global positions (int64 [kept here]) of this rank's kept covered coordinates at the last step."""

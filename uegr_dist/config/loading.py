@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -148,8 +149,29 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError(f"data.label_names = {data.label_names}: needs distinct names and data.regression false")
     if data.label_names is not None and data.num_labels is not None and data.num_labels != len(data.label_names):
         raise ConfigError(f"data.num_labels = {data.num_labels} differs from the {len(data.label_names)} label_names")
+    _check_method_fields(cfg)
     if cfg.data.validation_file is None and cfg.data.train_file is not None and cfg.data.validation_ratio >= 1:
         raise ConfigError(f"data.validation_ratio = {cfg.data.validation_ratio}: must be < 1")
+
+
+def _check_method_fields(cfg: Config) -> None:
+    """Options of the gradient-transform methods that depend on other sections."""
+    method = cfg.method
+    for key, pattern in (("childtuning.include", method.childtuning.include), ("roast.include", method.roast.include)):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"method.{key} = {pattern!r}: not a valid regular expression ({err})") from err
+    if method.name in ("sam", "mat"):
+        if cfg.train.grad_accum != 1:
+            raise ConfigError(
+                f"train.grad_accum = {cfg.train.grad_accum}: method {method.name} updates the parameters once per "
+                "batch, so it needs grad_accum 1 (raise train.batch_size instead)"
+            )
+        if method.name == "sam" and method.sam.m_shards > cfg.train.batch_size:
+            raise ConfigError(
+                f"method.sam.m_shards = {method.sam.m_shards}: must be <= train.batch_size = {cfg.train.batch_size}"
+            )
 
 
 def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:

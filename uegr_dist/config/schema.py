@@ -206,10 +206,80 @@ class ASAConfig:
 
 
 @dataclass
+class ChildTuningConfig:
+    """ChildTuning-D / -F (Xu et al., EMNLP 2021): which gradient coordinates of the encoder layers are updated."""
+
+    reserve_p: float = bounded(0.2, 0.0, 1.0, lo_open=True)
+    """ChildTuning-D: fraction of encoder-layer coordinates kept (top Fisher information, fixed for the run)."""
+    p_f: float = bounded(0.2, 0.0, 1.0, lo_open=True)
+    """ChildTuning-F: keep probability of each coordinate per step; kept gradients are scaled by 1 / p_f."""
+    fisher_batch_size: int = bounded(16, 1)
+    """ChildTuning-D / RoAST: batch size of the Fisher pre-pass (same on every process count, so results agree)."""
+    include: str = r"(?:^|\.)layers?\.\d+\."
+    """Regex (re.search on the parameter name) of the masked parameters: the encoder layers by default; the
+    others (embeddings, pooler, classifier) are always updated."""
+
+
+@dataclass
+class RoastConfig:
+    """RoAST's selective training (Kim et al., EMNLP Findings 2023): a Bernoulli mask from Fisher ranks."""
+
+    alpha: float = bounded(0.9, 0.0, 1.0)
+    """Relative rank at which the keep probability is 1/2."""
+    beta: float = bounded(10.0, 0.0, lo_open=True)
+    """Sharpness: p = sigmoid(2 * beta * (r - alpha))."""
+    scale: bool = False
+    """Divide kept gradients by p (unbiased in expectation, but a rarely kept coordinate gets up to 1 / p ~ 1e8)."""
+    redraw: str = choice("step", "step", "epoch", doc="when the Bernoulli mask is redrawn (p changes each epoch)")
+    include: str = r"(?:^|\.)layers?\.\d+\."
+    """Regex of the masked parameters (the encoder layers by default); the others are always updated."""
+
+
+@dataclass
+class SamConfig:
+    """SAM (Foret et al., ICLR 2021) with the m-sharpness and ASAM options."""
+
+    rho: float = bounded(0.05, 0.0, lo_open=True)
+    """Radius of the ascent step eps = rho * g / ||g||."""
+    adaptive: bool = False
+    """ASAM (Kwon et al., ICML 2021): eps = rho * T^2 g / ||T g||, T = |w| + asam_eta on weight tensors."""
+    asam_eta: float = bounded(0.01, 0.0)
+    m_shards: int = bounded(1, 1, 64)
+    """mSAM: one eps per shard of each process's micro-batch (1: plain SAM on the globally averaged gradient)."""
+
+
+@dataclass
+class MatConfig:
+    """MAT (Zhong et al., IJCAI 2023): SGLD sampling of embedding perturbations and parameters. The defaults are
+    cheap (tests, CPU); the paper's are k_theta / k_delta = 20 / 3 or 30 / 5."""
+
+    k_delta: int = bounded(1, 1, 100)
+    """SGLD ascent steps on the perturbation per batch."""
+    k_theta: int = bounded(2, 1, 100)
+    """SGLD descent steps on the parameters per batch."""
+    eta_delta: float = bounded(1e-3, 0.0, lo_open=True)
+    eta_theta: float = bounded(3e-5, 0.0, lo_open=True)
+    sigma_delta: float = bounded(1e-5, 0.0)
+    """Langevin noise scale of the perturbation steps (0: plain gradient ascent)."""
+    sigma_theta: float = bounded(0.0, 0.0)
+    """Langevin noise scale of the parameter steps (0: plain gradient descent)."""
+    init_std: float = bounded(1e-5, 0.0, lo_open=True)
+    """Standard deviation of the initial perturbation (the KL term has zero gradient at delta = 0)."""
+    lambda_s: float = bounded(1.0, 0.0)
+    """Weight of the symmetric-KL smoothness term."""
+    beta: float = bounded(0.3, 0.0, 1.0, hi_open=True)
+    """EMA factor of delta_bar and theta_bar; final theta = beta theta_0 + (1 - beta) theta_bar."""
+
+
+@dataclass
 class MethodConfig:
     """The fine-tuning method and its hyper-parameters."""
 
-    name: str = choice("uegr", "uegr", "vanilla", "rdrop", "freelb", "smart", "hype", "asa")
+    name: str = choice(
+        "uegr",
+        *("uegr", "vanilla", "rdrop", "freelb", "smart", "hype", "asa"),
+        *("childtuning_d", "childtuning_f", "roast", "sam", "mat"),
+    )
     alpha: float = bounded(1.0, 0.0)
     """Weight of the adversarial cross-entropy of the sub-models."""
     beta: float = bounded(1.0, 0.0)
@@ -228,6 +298,10 @@ class MethodConfig:
     smart: SMARTConfig = field(default_factory=SMARTConfig)
     hype: HyPeConfig = field(default_factory=HyPeConfig)
     asa: ASAConfig = field(default_factory=ASAConfig)
+    childtuning: ChildTuningConfig = field(default_factory=ChildTuningConfig)
+    roast: RoastConfig = field(default_factory=RoastConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+    mat: MatConfig = field(default_factory=MatConfig)
 
 
 @dataclass

@@ -177,6 +177,12 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
             num_processes=accelerator.num_processes,
             reduce_mean=lambda x: accelerator.reduce(torch.tensor(x, device=accelerator.device), "mean").item(),
             max_grad_norm=cfg.train.max_grad_norm,
+            process_index=accelerator.process_index,
+            device=accelerator.device,
+            train_dataset=task.train,
+            collate_fn=collate,
+            steps_per_epoch=steps_per_epoch,
+            all_reduce_sum=_all_reduce_sum if accelerator.num_processes > 1 else None,
         )
     )
 
@@ -293,6 +299,11 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     accelerator.end_training()
     return RunResult(summary, out)
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> None:
+    """In-place sum over all processes of the run."""
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
 
 
 def _flat_hparams(cfg: Config) -> dict[str, Any]:

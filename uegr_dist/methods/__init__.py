@@ -3,9 +3,14 @@
 from uegr_dist.config import MethodConfig
 from uegr_dist.methods.asa import ASA
 from uegr_dist.methods.base import Method, MethodContext, StepOutput, model_inputs, task_loss
+from uegr_dist.methods.childtuning_d import ChildTuningD
+from uegr_dist.methods.childtuning_f import ChildTuningF
 from uegr_dist.methods.freelb import FreeLB
 from uegr_dist.methods.hype import HyPe
+from uegr_dist.methods.mat import MAT
 from uegr_dist.methods.rdrop import RDrop
+from uegr_dist.methods.roast import RoAST
+from uegr_dist.methods.sam import SAM
 from uegr_dist.methods.smart import SMART
 from uegr_dist.methods.uegr import UEGR
 from uegr_dist.methods.vanilla import Vanilla
@@ -18,6 +23,11 @@ METHODS: dict[str, type[Method]] = {
     "smart": SMART,
     "hype": HyPe,
     "asa": ASA,
+    "childtuning_d": ChildTuningD,
+    "childtuning_f": ChildTuningF,
+    "roast": RoAST,
+    "sam": SAM,
+    "mat": MAT,
 }
 
 
@@ -33,10 +43,15 @@ __all__ = [
     "FreeLB",
     "HyPe",
     "METHODS",
+    "ChildTuningD",
+    "ChildTuningF",
+    "MAT",
     "Method",
     "MethodContext",
     "RDrop",
     "SMART",
+    "RoAST",
+    "SAM",
     "StepOutput",
     "UEGR",
     "Vanilla",

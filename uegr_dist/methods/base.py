@@ -48,6 +48,16 @@ class MethodContext:
     """Callable float -> float averaging a scalar over processes (identity in one process)."""
     max_grad_norm: float = 0.0
     """Gradient clipping norm (0: none); a method that masks inside a DeepSpeed step clips there itself."""
+    process_index: int = 0
+    device: torch.device | None = None
+    train_dataset: Any = None
+    """The tokenized training split (unsharded) for methods with a pre-pass over the data (ChildTuning-D's Fisher)."""
+    collate_fn: Any = None
+    """Turns a list of training examples into a batch (the training loader's collator)."""
+    steps_per_epoch: int = 0
+    """Optimizer steps per epoch of this run (for methods refreshed once per epoch; 0: not known)."""
+    all_reduce_sum: Any = None
+    """In-place sum of a tensor over processes (None in one process)."""
 
 
 class Method:

@@ -1,0 +1,444 @@
+"""Gradient-transform and multi-pass methods (ChildTuning-D, ChildTuning-F, RoAST, SAM / mSAM / ASAM, MAT): one
+step of each on a tiny float64 model equals a slow reference written from the paper's equations (same loss, same
+parameters after the update); each trains end to end through `train()`; bad options fail at start-up."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from tests.conftest import TINY_MODELS, tiny_run_overrides
+from uegr_dist.backward import MaskedAdamW
+from uegr_dist.config import ConfigError, load_config
+from uegr_dist.engine.train_loop import train
+from uegr_dist.methods import MethodContext, build_method
+from uegr_dist.methods.childtuning_f import CHILDTUNING_F_STREAM
+from uegr_dist.methods.mat import _THETA_NOISE_STREAM as MAT_THETA_NOISE_STREAM
+from uegr_dist.methods.roast import ROAST_STREAM
+from uegr_dist.rng import keyed_uniform_flat, mix_key
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LR, WEIGHT_DECAY, SEED = 1e-2, 0.01, 3
+ENCODER = r"(?:^|\.)layers?\.\d+\."
+
+
+class OneProcess:
+    """The two accelerator calls a method's forward_backward makes, for one process without mixed precision."""
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+
+def tiny_model(arch: str = "bert") -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        arch,
+        vocab_size=60,
+        num_labels=3,
+        pad_token_id=0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **TINY_MODELS[arch],
+    )
+    return AutoModelForSequenceClassification.from_config(cfg).double()
+
+
+def examples(n: int, seed: int, seq: int = 8) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(5, 60, (seq,), generator=gen)
+        mask = torch.ones(seq, dtype=torch.long)
+        mask[int(torch.randint(4, seq + 1, (1,), generator=gen)) :] = 0
+        label = torch.randint(0, 3, (), generator=gen)
+        rows.append({"input_ids": ids * mask, "attention_mask": mask, "labels": label, "sample_id": torch.tensor(i)})
+    return rows
+
+
+def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+DATA = examples(12, seed=1)
+
+
+def ce(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The objective every reference uses: mean cross-entropy of one ordinary forward (computed in float32 from the
+    float64 logits, as the engine's task loss)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits.float(), batch["labels"])
+
+
+def run_method(method_cfg: dict, batches: list[dict], steps_per_epoch: int = 100):
+    """The fast path: build the method, set it up on a tiny model and run len(batches) steps as the loop does."""
+    model = tiny_model()
+    cfg = load_config(None, {"method": method_cfg}).method
+    method = build_method(cfg)
+    optimizer = MaskedAdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    ctx = MethodContext(
+        model,
+        model,
+        optimizer,
+        list(model.named_parameters()),
+        seed=SEED,
+        train_dataset=DATA,
+        collate_fn=collate,
+        steps_per_epoch=steps_per_epoch,
+    )
+    method.setup(ctx)
+    losses, logs = [], []
+    for step, batch in enumerate(batches):
+        result = method.forward_backward(OneProcess(), model, batch, step, step)
+        logs.append(method.transform_gradients(step))
+        logs[-1]["grads"] = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(result.loss.item())
+    return model, losses, logs
+
+
+def reference_adamw_step(model: torch.nn.Module, grads: dict[str, torch.Tensor], optimizer=None, fast_grads=None):
+    """Check the method's gradient against `grads` (both float64; the loss itself is float32), set .grad and take one
+    torch.optim.AdamW step (the optimizer is reused across steps)."""
+    if fast_grads is not None:
+        largest = max(float(grad.abs().max()) for grad in grads.values())
+        for name, grad in grads.items():
+            torch.testing.assert_close(fast_grads[name], grad, rtol=1e-6, atol=1e-7 * largest, msg=name)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    for name, param in model.named_parameters():
+        param.grad = grads[name].clone()
+    optimizer.step()
+    return optimizer
+
+
+def gradients(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    grads = torch.autograd.grad(loss, [p for _, p in model.named_parameters()], allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(model.named_parameters(), grads)}
+
+
+def reference_fisher(model: torch.nn.Module, names: list[str], batch_size: int) -> torch.Tensor:
+    """F = mean over the batches (dataset order) of the squared batch gradient, flattened over `names` in order."""
+    batches = [collate(DATA[i : i + batch_size]) for i in range(0, len(DATA), batch_size)]
+    total = None
+    for batch in batches:
+        grads = gradients(model, ce(model, batch))
+        flat = torch.cat([grads[n].reshape(-1) for n in names]) ** 2
+        total = flat if total is None else total + flat
+    return total / len(batches)
+
+
+@torch.no_grad()
+def assert_same_model(fast: torch.nn.Module, reference: torch.nn.Module, atol: float = 1e-10) -> None:
+    worst = max(
+        float((p - q).abs().max()) for (_, p), (_, q) in zip(fast.named_parameters(), reference.named_parameters())
+    )
+    assert worst <= atol, worst
+
+
+def apply_flat(grads: dict[str, torch.Tensor], names: list[str], factors: torch.Tensor) -> None:
+    start = 0
+    for name in names:
+        n = grads[name].numel()
+        grads[name] = grads[name] * factors[start : start + n].view_as(grads[name])
+        start += n
+
+
+BATCH = collate(DATA[:6])
+
+
+def test_childtuning_d_equals_reference():
+    fast, losses, logs = run_method(
+        {"name": "childtuning_d", "childtuning": {"reserve_p": 0.3, "fisher_batch_size": 5}}, [BATCH]
+    )
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters() if re.search(ENCODER, n)]
+    fisher = reference_fisher(model, names, batch_size=5)
+    k = math.ceil(0.3 * fisher.numel())
+    child = torch.zeros(fisher.numel(), dtype=torch.float64)
+    child[torch.argsort(fisher, descending=True, stable=True)[:k]] = 1.0
+    loss = ce(model, BATCH)
+    grads = gradients(model, loss)
+    apply_flat(grads, names, child)  # only encoder layers are masked; embeddings and head always update
+    reference_adamw_step(model, grads, fast_grads=logs[0]["grads"])
+
+    assert losses[0] == pytest.approx(loss.item(), rel=1e-6)
+    assert logs[0]["mask_kept_fraction"] == pytest.approx(k / fisher.numel())
+    assert_same_model(fast, model)
+
+
+def test_childtuning_f_equals_reference_and_p_one_is_vanilla():
+    batches = [BATCH, collate(DATA[6:])]
+    fast, losses, fast_logs = run_method({"name": "childtuning_f", "childtuning": {"p_f": 0.4}}, batches)
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters()]  # every trainable parameter, as the official code
+    numel = sum(p.numel() for p in model.parameters())
+    optimizer = None
+    for step, batch in enumerate(batches):
+        loss = ce(model, batch)
+        assert losses[step] == pytest.approx(loss.item(), rel=1e-6)
+        grads = gradients(model, loss)
+        uniform = keyed_uniform_flat(mix_key(SEED, CHILDTUNING_F_STREAM, step), 0, numel).double()
+        apply_flat(grads, names, (uniform < 0.4).double() / 0.4)
+        optimizer = reference_adamw_step(model, grads, optimizer, fast_logs[step]["grads"])
+    assert_same_model(fast, model)
+
+    vanilla, _, _ = run_method({"name": "vanilla"}, batches)
+    plain, _, logs = run_method({"name": "childtuning_f", "childtuning": {"p_f": 1.0}}, batches)
+    assert logs[0]["mask_kept_fraction"] == 1.0
+    assert_same_model(plain, vanilla, atol=0.0)
+
+
+def reference_rank(importance: torch.Tensor) -> torch.Tensor:
+    """Average relative rank (1 = largest) of the importance rounded down to its top 16 bits (2**-7 relative)."""
+    bits = importance.float().view(torch.int32) >> 16
+    ordered = torch.sort(bits).values
+    smaller = torch.searchsorted(ordered, bits, right=False)
+    equal = torch.searchsorted(ordered, bits, right=True) - smaller
+    return (smaller.double() + (equal.double() - 1) / 2) / (importance.numel() - 1)
+
+
+@pytest.mark.parametrize(("scale", "redraw"), [(False, "step"), (True, "epoch")])
+def test_roast_equals_reference_over_two_epochs(scale, redraw):
+    alpha, beta = 0.6, 4.0
+    batches = [BATCH, collate(DATA[6:])]
+    options = {"alpha": alpha, "beta": beta, "scale": scale, "redraw": redraw}
+    fast, losses, logs = run_method(
+        {"name": "roast", "roast": options, "childtuning": {"fisher_batch_size": 4}}, batches, steps_per_epoch=1
+    )
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters() if re.search(ENCODER, n)]
+    importance = reference_fisher(model, names, batch_size=4)  # epoch 0: the pre-pass
+    optimizer = None
+    for step, batch in enumerate(batches):  # one step per epoch: step = epoch
+        loss = ce(model, batch)
+        assert losses[step] == pytest.approx(loss.item(), rel=1e-6)
+        grads = gradients(model, loss)
+        prob = torch.sigmoid(2 * beta * (reference_rank(importance) - alpha))
+        uniform = keyed_uniform_flat(mix_key(SEED, ROAST_STREAM, step), 0, prob.numel()).double()
+        keep = (uniform < prob).double()
+        next_importance = torch.cat([grads[n].reshape(-1) for n in names]) ** 2  # this epoch's mean g^2
+        apply_flat(grads, names, keep / prob if scale else keep)
+        optimizer = reference_adamw_step(model, grads, optimizer, logs[step]["grads"])
+        assert logs[step]["mask_kept_fraction"] == pytest.approx(float(keep.mean()))
+        importance = next_importance
+    # p is float32 in the method: 1 / p rescaling differs from float64 at 1e-7 relative; a flipped draw would be ~LR.
+    assert_same_model(fast, model, atol=1e-8)
+
+
+def sam_reference(model, batch, rho, adaptive=False, eta=0.01):
+    """eps = rho g / ||g|| (ASAM: rho T^2 g / ||T g||, T = |w| + eta on weights); gradient at theta + eps."""
+    params = dict(model.named_parameters())
+    loss = ce(model, batch)
+    grads = gradients(model, loss)
+    scale = {n: p.detach().abs() + eta if adaptive and "weight" in n else torch.ones_like(p) for n, p in params.items()}
+    norm = torch.sqrt(sum(((scale[n] * g) ** 2).sum() for n, g in grads.items()))
+    eps = {n: rho * scale[n] ** 2 * g / norm for n, g in grads.items()}
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in perturbed.named_parameters():
+            p.add_(eps[n])
+    return loss, gradients(perturbed, ce(perturbed, batch))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_and_asam_equal_reference(adaptive):
+    rho = 0.5 if adaptive else 0.05
+    fast, losses, logs = run_method({"name": "sam", "sam": {"rho": rho, "adaptive": adaptive}}, [BATCH])
+    model = tiny_model()
+    loss, grads = sam_reference(model, BATCH, rho, adaptive)
+    reference_adamw_step(model, grads, fast_grads=logs[0]["grads"])
+    assert losses[0] == pytest.approx(loss.item(), rel=1e-6)
+    assert_same_model(fast, model)
+    moved = dict(tiny_model().named_parameters())
+    assert any(not torch.equal(p, moved[n]) for n, p in fast.named_parameters())
+
+
+def test_msam_equals_size_weighted_mean_of_shard_sam_gradients():
+    rho, m = 0.1, 4
+    fast, losses, logs = run_method({"name": "sam", "sam": {"rho": rho, "m_shards": m}}, [BATCH])
+    model = tiny_model()
+    shards = torch.arange(6).tensor_split(m)  # sizes 2, 2, 1, 1
+    total, first = None, 0.0
+    for index in shards:
+        shard = {k: v[index] for k, v in BATCH.items()}
+        loss, grads = sam_reference(model, shard, rho)
+        weight = index.numel() / 6
+        first += weight * loss.item()
+        scaled = {n: weight * g for n, g in grads.items()}
+        total = scaled if total is None else {n: total[n] + scaled[n] for n in total}
+    reference_adamw_step(model, total, fast_grads=logs[0]["grads"])
+    assert losses[0] == pytest.approx(first, rel=1e-6)
+    # The shard losses are float32 (weights applied before / after the float32 loss): gradients agree to 1e-7
+    # relative, which AdamW's g / sqrt(g^2) turns into ~1e-6 on coordinates with near-zero gradients.
+    assert_same_model(fast, model, atol=1e-5)
+
+
+def test_mat_equals_reference_sgld():
+    options = {"k_delta": 2, "k_theta": 3, "eta_delta": 0.5, "eta_theta": 0.05, "sigma_delta": 1e-3,
+               "sigma_theta": 1e-3, "init_std": 1e-2, "lambda_s": 2.0, "beta": 0.3}  # fmt: skip
+    fast, losses, logs = run_method({"name": "mat", "mat": options}, [BATCH])
+    assert all(grad is None for grad in logs[0]["grads"].values())  # MAT updates theta itself; AdamW has nothing
+
+    model = tiny_model()  # same seed as the fast path: the perturbation's random numbers come in the same order
+    o = options
+    params = dict(model.named_parameters())
+    ids, mask, labels = BATCH["input_ids"], BATCH["attention_mask"], BATCH["labels"]
+    token = mask.double().unsqueeze(-1)
+
+    def logits(embeds):
+        return model(inputs_embeds=embeds, attention_mask=mask).logits
+
+    def sym_kl(a, b):
+        pa, pb = a.double().softmax(-1), b.double().softmax(-1)
+        return ((pa * (pa.log() - pb.log())).sum(-1) + (pb * (pb.log() - pa.log())).sum(-1)).mean()
+
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        clean = logits(embeds)
+    delta = torch.randn_like(embeds) * o["init_std"] * token
+    delta_bar = delta.clone()
+    for _ in range(o["k_delta"]):  # SGLD ascent on delta, f(x) fixed
+        delta.requires_grad_(True)
+        (grad,) = torch.autograd.grad(sym_kl(logits(embeds + delta), clean), [delta])
+        noise = torch.randn_like(delta) * math.sqrt(2 * o["eta_delta"]) * o["sigma_delta"]
+        delta = (delta.detach() + o["eta_delta"] * grad + noise) * token
+        delta_bar = o["beta"] * delta_bar + (1 - o["beta"]) * delta
+    theta_0 = {n: p.detach().clone() for n, p in params.items()}
+    theta_bar = {n: p.clone() for n, p in theta_0.items()}
+    generator = torch.Generator().manual_seed(mix_key(SEED, MAT_THETA_NOISE_STREAM, 0) & (2**63 - 1))
+    first = None
+    for _ in range(o["k_theta"]):  # SGLD descent on theta, then the EMA
+        embeds = model.get_input_embeddings()(ids)
+        clean = logits(embeds)
+        loss = F.cross_entropy(clean.double(), labels)
+        first = loss.item() if first is None else first
+        grads = torch.autograd.grad(
+            loss + o["lambda_s"] * sym_kl(logits(embeds + delta_bar), clean), list(params.values())
+        )
+        with torch.no_grad():
+            for p, g in zip(params.values(), grads):
+                p -= o["eta_theta"] * g
+            for p in params.values():
+                p += torch.randn(p.shape, generator=generator) * math.sqrt(2 * o["eta_theta"]) * o["sigma_theta"]
+            for n, p in params.items():
+                theta_bar[n] = o["beta"] * theta_bar[n] + (1 - o["beta"]) * p
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(o["beta"] * theta_0[n] + (1 - o["beta"]) * theta_bar[n])
+
+    assert losses[0] == pytest.approx(first, rel=1e-6)
+    assert_same_model(fast, model, atol=1e-9)
+    assert max(float((p.detach() - theta_0[n]).abs().max()) for n, p in fast.named_parameters()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("mat", {"mat": {"eta_theta": 0.05, "k_theta": 1}}),
+        ("childtuning_d", {}),
+        ("childtuning_f", {"childtuning": {"p_f": 0.5}}),
+        ("roast", {"roast": {"alpha": 0.5, "beta": 5.0}}),
+        ("sam", {}),
+        ("sam", {"sam": {"m_shards": 2, "adaptive": True, "rho": 0.2}}),
+    ],
+)
+def test_method_trains_end_to_end(method, extra, easy_task, tmp_path):
+    cfg = tiny_run_overrides("bert", easy_task, tmp_path / "run", train__save_model=False)
+    cfg["method"] = {"name": method, **extra}
+    result = train(load_config(None, cfg))
+    losses = [entry["loss"] for entry in result.metrics["train_loss"]]
+    assert len(losses) == 16 and all(math.isfinite(x) for x in losses)
+    if method == "mat":  # plain SGLD (no Adam) moves the tiny random model but does not learn it in 16 steps
+        assert len({round(x, 6) for x in losses}) > 1
+        return
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert result.metrics["final"]["accuracy"] >= 0.75
+    if method != "sam":
+        assert 0.0 < result.metrics["train_loss"][-1]["mask_kept_fraction"] < 1.0
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state whose precision cannot change: reset it around a bf16 run."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("method", ["childtuning_d", "childtuning_f", "roast", "sam"])
+def test_method_runs_under_bf16_autocast(method, easy_task, tmp_path, fresh_accelerator_state):
+    cfg = tiny_run_overrides("bert", easy_task, tmp_path / "run", train__save_model=False, train__max_steps=4)
+    cfg["train"]["mixed_precision"] = "bf16"
+    cfg["method"] = {"name": method}
+    result = train(load_config(None, cfg))
+    losses = [entry["loss"] for entry in result.metrics["train_loss"]]
+    assert result.metrics["train"]["steps"] == 4 and all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"method": {"name": "sam"}, "train": {"grad_accum": 2}}, "train.grad_accum = 2: method sam"),
+        ({"method": {"name": "mat"}, "train": {"grad_accum": 4}}, "train.grad_accum = 4: method mat"),
+        ({"method": {"name": "mat", "mat": {"beta": 1.0}}}, "method.mat.beta = 1.0: must be in [0.0, 1.0)"),
+        ({"method": {"name": "sam", "sam": {"m_shards": 64}}, "train": {"batch_size": 8}}, "must be <= train.batch"),
+        ({"method": {"name": "sam", "sam": {"rho": 0}}}, "method.sam.rho = 0.0: must be in (0"),
+        ({"method": {"name": "childtuning_d", "childtuning": {"reserve_p": 1.5}}}, "reserve_p = 1.5: must be in (0"),
+        ({"method": {"name": "childtuning_f", "childtuning": {"p_f": 0}}}, "method.childtuning.p_f = 0"),
+        ({"method": {"name": "roast", "roast": {"include": "layer.("}}}, "method.roast.include = 'layer.(': not a"),
+        ({"method": {"name": "roast", "roast": {"redraw": "batch"}}}, "must be one of step, epoch"),
+    ],
+)
+def test_bad_method_options_fail_with_the_key(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("method", ["sam", "childtuning_d", "roast", "mat"])
+def test_zero3_is_refused_at_setup(method):
+    deepspeed = pytest.importorskip("deepspeed")
+
+    class ZeroStage3Engine(deepspeed.DeepSpeedEngine):
+        """Stands in for a ZeRO-3 engine: only the stage is asked before the refusal."""
+
+        def __init__(self) -> None:  # no engine is built
+            pass
+
+        def zero_optimization_stage(self) -> int:
+            return 3
+
+    model = tiny_model()
+    ctx = MethodContext(
+        ZeroStage3Engine(),
+        model,
+        MaskedAdamW(model.parameters()),
+        list(model.named_parameters()),
+        seed=0,
+        train_dataset=DATA,
+        collate_fn=collate,
+    )
+    expected = "DeepSpeed" if method == "mat" else "ZeRO-3"  # MAT refuses every DeepSpeed stage
+    with pytest.raises(ConfigError, match=f"method.name = {method}: .*{expected}"):
+        build_method(load_config(None, {"method": {"name": method}}).method).setup(ctx)
+
+
+def test_include_matching_nothing_fails_before_writing(easy_task, tmp_path):
+    cfg = tiny_run_overrides("bert", easy_task, tmp_path / "run")
+    cfg["method"] = {"name": "childtuning_d", "childtuning": {"include": "no_such_parameter"}}
+    with pytest.raises(ConfigError, match="matches no trainable parameter"):
+        train(load_config(None, cfg))
+    assert not (tmp_path / "run").exists()
