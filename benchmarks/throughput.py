@@ -154,12 +154,13 @@ def _time_collectives(timer: StageTimer) -> Callable[[], None]:
 def _time_ddp_allreduce(model: Any, timer: StageTimer) -> None:
     """DDP comm hook: the average all-reduce of each bucket, timed from issue to completion."""
 
-    def hook(state: Any, bucket: Any) -> torch.futures.Future:
+    # No annotations: DDP checks them against dist.GradBucket, and this module's are strings (postponed).
+    def hook(state, bucket):
         tic = time.perf_counter()
         tensor = bucket.buffer().div_(dist.get_world_size())
         future = dist.all_reduce(tensor, async_op=True).get_future()
 
-        def done(fut: torch.futures.Future) -> torch.Tensor:
+        def done(fut):
             timer.add("communication", time.perf_counter() - tic)
             return fut.value()[0]
 

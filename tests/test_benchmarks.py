@@ -171,3 +171,23 @@ def test_readme_section_is_replaced_and_nothing_else(tmp_path):
     assert text.startswith("# Benchmarks\n\nhand-written text\n")
     assert "| a |" not in text and text.count("| c |") == 1 and text.count("| b |") == 1
     assert text.index("| c |") < text.index("| b |")  # replaced in place, not appended again
+
+
+@pytest.mark.distributed
+def test_scaling_one_vs_two_ddp_processes(tmp_path):
+    """`python -m benchmarks.scaling` launches the single process and the 2-process DDP run and reports both."""
+    from benchmarks import scaling
+
+    argv = ["--config", "tiny", "--methods", "vanilla", "--launchers", "single", "ddp", "--batch", "4", "--seq", "16"]
+    assert scaling.main([*argv, "--steps", "2", "--out-dir", str(tmp_path), "--tag", "smoke"]) == 0
+    result = json.loads((tmp_path / "scaling_smoke.json").read_text(encoding="utf-8"))
+    rows = {row["launcher"]: row for row in result["rows"]}
+    assert rows["single"]["processes"] == 1 and rows["ddp"]["processes"] == 2
+    assert [len(rows[launcher]["peak_rss_bytes"]) for launcher in ("single", "ddp")] == [1, 2]
+    assert rows["single"]["speedup"] == 1.0
+    for row in rows.values():
+        assert row["samples_per_s"] == pytest.approx(4 / row["step_s"])
+        assert all(len(rank["step_s"]) == 2 for rank in row["ranks"])
+    # DDP's gradient all-reduce was seen by the comm hook; one process communicates nothing.
+    assert rows["ddp"]["communication_s"] > 0 and rows["single"]["communication_s"] == 0
+    assert "| vanilla | ddp | 2 |" in (tmp_path / "scaling_smoke.md").read_text(encoding="utf-8")
