@@ -191,3 +191,15 @@ def test_scaling_one_vs_two_ddp_processes(tmp_path):
     # DDP's gradient all-reduce was seen by the comm hook; one process communicates nothing.
     assert rows["ddp"]["communication_s"] > 0 and rows["single"]["communication_s"] == 0
     assert "| vanilla | ddp | 2 |" in (tmp_path / "scaling_smoke.md").read_text(encoding="utf-8")
+
+
+def test_stage_breakdown_of_loop_and_naive_records():
+    # Our loop times the whole objective (adversary inside it); the naive reference times its forward on its own.
+    loop = [{"step": 1.0, "objective": 0.5, "adversary": 0.2, "backward": 0.3}, {"step": 3.0, "objective": 0.5}]
+    naive = [{"step": 1.0, "adversary": 0.2, "forward": 0.3, "backward": 0.3, "communication": 0.1}]
+    for records, forward in ((loop[:1], 0.3), (naive, 0.3)):
+        stages = throughput.stage_breakdown(records)
+        assert stages["forward"] == pytest.approx(forward) and stages["other"] == pytest.approx(0.2)
+        assert stages["step"] == 1.0 and stages["saliency_mask"] == 0.0
+    assert throughput.stage_breakdown(naive)["communication"] == pytest.approx(0.1)
+    assert throughput.stage_breakdown(loop)["step"] == 2.0  # medians over the steps
