@@ -52,7 +52,8 @@ def worker(args: argparse.Namespace) -> None:
     from uegr_dist.config import load_config
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, args.threads // world))
+    threads = args.single_threads if world == 1 and args.single_threads else args.threads // world
+    torch.set_num_threads(max(1, threads))
     out = Path(args.out)
     cfg = run_config(
         out / f"data_rank{rank}",
@@ -85,6 +86,8 @@ def launch(args: argparse.Namespace, method: str, launcher: str, out: Path) -> d
     worker_args = ["-m", "benchmarks.scaling", "--worker", "--out", str(out), "--method", method]
     worker_args += ["--config", args.config, "--k", str(args.k), "--seq", str(args.seq), "--batch", str(args.batch)]
     worker_args += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    if args.single_threads:
+        worker_args += ["--single-threads", str(args.single_threads)]
     if launcher == "single":
         command = [sys.executable, *worker_args]
     else:
@@ -124,6 +127,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="measured steps")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in all (split over the processes)")
+    parser.add_argument(
+        "--single-threads", type=int, default=None, help="torch threads of the single process (default: --threads)"
+    )
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per launch")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="cpu", help="output names: scaling_<tag>.{json,md}")
