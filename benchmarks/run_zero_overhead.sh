@@ -6,7 +6,7 @@ ACC=${ACCELERATE:-accelerate}
 OUT=benchmarks/results/zero_overhead.jsonl
 mkdir -p benchmarks/results
 run() {  # run STAGE MODEL VOCAB
-    "$ACC" launch --config_file "configs/accelerate/cpu-2proc-$1.yaml" benchmarks/zero_overhead.py \
+    "$ACC" launch --config_file "configs/accelerate/cpu-2proc-$1.yaml" -m benchmarks.zero_overhead \
         --model "$2" --vocab "$3" --steps 4 --label "$1" --out "$OUT"
 }
 run zero2 base 50265

@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-import transformers
-from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from benchmarks.common import StageTimer, machine_info, median_records, random_classifier
 from uegr_dist.forward import install_chunk_dropout
 
 
@@ -39,18 +35,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        args.arch,
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        intermediate_size=4 * args.hidden,
-        max_position_embeddings=max(512, args.seq + 2),
-        num_labels=2,
-    )
-    model = AutoModelForSequenceClassification.from_config(config).train()
+    size = {
+        "vocab_size": args.vocab,
+        "hidden_size": args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": max(1, args.hidden // 64),
+        "intermediate_size": 4 * args.hidden,
+        "max_position_embeddings": max(512, args.seq + 2),
+    }
+    model = random_classifier(args.arch, size)
     controller = install_chunk_dropout(model)
     n, b = args.k + 1, args.batch
     ids = torch.randint(5, args.vocab, (b, args.seq))
@@ -74,16 +67,14 @@ def main() -> None:
         torch.stack(losses).mean().backward()
 
     variants = {"vanilla": vanilla, "stacked": stacked, "sequential": sequential}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_index in range(args.rounds):
+    timer = StageTimer()
+    for _ in range(args.rounds):
+        timer.start_step()
         for name, fn in variants.items():
             model.zero_grad(set_to_none=True)
-            tic = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - tic
-            if round_index >= 2:
-                times[name].append(elapsed)
-    median = {name: statistics.median(values) for name, values in times.items()}
+            with timer(name):
+                fn()
+    median = median_records(timer.steps[2:])
     print(
         json.dumps(
             {
@@ -92,9 +83,7 @@ def main() -> None:
                 "median_s": {k: round(v, 4) for k, v in median.items()},
                 "sequential_over_stacked": round(median["sequential"] / median["stacked"], 3),
                 "stacked_over_floor": round(median["stacked"] / (n * median["vanilla"]), 3),
-                "machine": platform.processor() or platform.machine(),
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
+                "machine": machine_info(),
             }
         )
     )

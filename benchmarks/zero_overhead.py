@@ -2,7 +2,7 @@
 
 Run under `accelerate launch` with one of configs/accelerate/cpu-2proc-{ddp,zero1,zero2,zero3}.yaml, e.g.
 
-    accelerate launch --config_file configs/accelerate/cpu-2proc-zero2.yaml benchmarks/zero_overhead.py --model base
+    accelerate launch --config_file configs/accelerate/cpu-2proc-zero2.yaml -m benchmarks.zero_overhead --model base
 
 It drives the real `uegr_dist.engine.train_loop.train()` (UEGR, method defaults: K=2 sub-models, 1 adversary step,
 global hard top-30% mask, taylor saliency, max_grad_norm 1) on synthetic text with a random-init RoBERTa, and wraps,
@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import resource
 import statistics
 import tempfile
 import time
@@ -36,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from benchmarks.common import machine_info, peak_rss_bytes, run_config
 from uegr_dist.backward import ZeroGradientMasker
 from uegr_dist.config import load_config
 from uegr_dist.engine.train_loop import train
@@ -43,54 +42,29 @@ from uegr_dist.methods.uegr import UEGR
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor", "reduce")
 
-MODELS: dict[str, dict[str, int]] = {
-    # RobertaConfig defaults (roberta-base: 125M parameters with the full vocabulary).
-    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128},
-}
+# --model names: the presets of benchmarks/common.py (base = RobertaConfig defaults, roberta-base's 125M parameters
+# with the full vocabulary).
+MODELS = {"base": "roberta-base", "tiny": "tiny"}
 
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def write_task(root: Path, samples: int, words: int, seq: int) -> None:
-    """Synthetic binary classification: `seq` + 16 random words per text (truncated to seq tokens)."""
-    rng = random.Random(0)
-    vocab = [f"w{i}" for i in range(words)]
-    for name, n in (("train.jsonl", samples), ("val.jsonl", 4)):
-        with open(root / name, "w", encoding="utf-8") as f:
-            for i in range(n):
-                text = " ".join(rng.choice(vocab) for _ in range(seq + 16))
-                f.write(json.dumps({"text": text, "label": i % 2}) + "\n")
-
-
-def write_config(root: Path, args: argparse.Namespace) -> Path:
+def write_config(root: Path, args: argparse.Namespace, world: int) -> Path:
+    """root/run.yaml: a UEGR run (method defaults) on synthetic text written under root."""
     import yaml
 
-    model = dict(MODELS[args.model], vocab_size=args.vocab, max_position_embeddings=max(514, args.seq + 2))
-    cfg = {
-        "model": {"init": "random", "architecture": "roberta", "config": model, "tokenizer": "word_level"},
-        "data": {
-            "train_file": str(root / "train.jsonl"),
-            "validation_file": str(root / "val.jsonl"),
-            "max_length": args.seq,
-            "max_eval_samples": 4,
-        },
-        "train": {
-            "output_dir": str(root / "out"),
-            "max_steps": args.warmup + args.steps + 1,  # +1: the last measured step ends when the next one starts
-            "batch_size": args.batch_size,
-            "eval_batch_size": 4,
-            "max_grad_norm": 1.0,
-            "tracker": "none",
-            "progress": False,
-            "save_model": False,
-            "eval_every_epoch": False,
-            "log_every": 1000,
-        },
-        "method": {"name": args.method},
-    }
+    cfg = run_config(
+        root,
+        MODELS[args.model],
+        {"name": args.method},
+        seq=args.seq,
+        batch_size=args.batch_size,
+        steps=args.warmup + args.steps + 1,  # +1: the last measured step ends when the next one starts
+        vocab=args.vocab,
+        world=world,
+    )
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
@@ -317,7 +291,7 @@ class Recorder:
             "memory_bytes": memory,
             "memory_snapshots": self.memory,
             "optimizer_plus_grad_bytes": memory.get("optimizer_state", 0) + memory.get("grad", 0),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
         }
 
 
@@ -340,8 +314,7 @@ def main() -> None:
     root = Path(tempfile.gettempdir()) / f"uegr_bench_{os.environ.get('MASTER_PORT', 'x')}_{os.getppid()}"
     rank_root = root / f"r{rank()}"
     rank_root.mkdir(parents=True, exist_ok=True)
-    write_task(rank_root, (args.warmup + args.steps + 1) * args.batch_size * world + 8, 3000, args.seq)
-    config = write_config(rank_root, args)
+    config = write_config(rank_root, args, world)
 
     recorder = Recorder(last_step=args.warmup + args.steps - 1)
     recorder.install()
@@ -371,6 +344,7 @@ def main() -> None:
             "seq": args.seq,
             "method": args.method,
             "world_size": len(everyone),
+            "machine": machine_info(),
             "ranks": everyone,
         }
         text = json.dumps(line)
