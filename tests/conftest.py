@@ -27,6 +27,24 @@ POSITIVE_WORDS = [f"p{i}" for i in range(20)]
 NEGATIVE_WORDS = [f"n{i}" for i in range(20)]
 
 
+def tiny_dropout_free_model(arch: str = "bert", seed: int = 0) -> torch.nn.Module:
+    """A random 3-class classifier (vocabulary 60, pad id 0) with dropout off, in train mode: what parity tests
+    compare against references that cannot reproduce dropout masks."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(
+        arch,
+        vocab_size=60,
+        num_labels=3,
+        pad_token_id=0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **TINY_MODELS[arch],
+    )
+    return AutoModelForSequenceClassification.from_config(cfg).train()
+
+
 def write_easy_task(path: Path, n: int, seed: int) -> Path:
     """JSONL rows labelled 'pos' / 'neg' whose words come 80% from the label's own word list (learnable in a few
     dozen steps by a tiny random model)."""

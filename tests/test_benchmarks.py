@@ -9,31 +9,16 @@ import math
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from benchmarks import throughput
 from benchmarks.common import flops_per_token, model_shape
 from benchmarks.naive_uegr import NaiveUEGR, no_weight_decay
-from tests.conftest import TINY_MODELS
+from tests.conftest import tiny_dropout_free_model
 from uegr_dist.backward import MaskedAdamW
 from uegr_dist.config import load_config
 from uegr_dist.methods import UEGR, MethodContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _tiny_without_dropout(arch: str, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(
-        arch,
-        vocab_size=60,
-        num_labels=3,
-        pad_token_id=0,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        **TINY_MODELS[arch],
-    )
-    return AutoModelForSequenceClassification.from_config(cfg).train()
 
 
 def _batch(seed: int):
@@ -68,7 +53,7 @@ def test_naive_reference_matches_fast_uegr(arch, scope, saliency, exclude):
         },
     ).method
     lr, weight_decay, clip = 1e-2, 0.1, 0.5
-    fast_model, naive_model = _tiny_without_dropout(arch), _tiny_without_dropout(arch)
+    fast_model, naive_model = tiny_dropout_free_model(arch), tiny_dropout_free_model(arch)
     named = list(fast_model.named_parameters())
     groups = [
         {"params": [p for n, p in named if not no_weight_decay(n, p)], "weight_decay": weight_decay},
@@ -101,13 +86,14 @@ def test_naive_reference_matches_fast_uegr(arch, scope, saliency, exclude):
         for (name, p_fast), (_, p_naive) in zip(fast_model.named_parameters(), naive_model.named_parameters()):
             torch.testing.assert_close(p_fast, p_naive, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
     # The comparison is not vacuous: the parameters moved, and the mask froze most coordinates.
-    moved = sum(int((p != q).sum()) for p, q in zip(fast_model.parameters(), _tiny_without_dropout(arch).parameters()))
+    start = tiny_dropout_free_model(arch).parameters()
+    moved = sum(int((p != q).sum()) for p, q in zip(fast_model.parameters(), start))
     total = sum(p.numel() for p in fast_model.parameters())
     assert 0 < moved < 0.9 * total
 
 
 def test_flops_formula():
-    model = _tiny_without_dropout("bert")
+    model = tiny_dropout_free_model("bert")
     shape = model_shape(model)
     embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     assert shape["non_embedding_params"] == sum(p.numel() for p in model.parameters()) - embedding

@@ -12,9 +12,8 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from tests.conftest import TINY_MODELS, tiny_run_overrides
+from tests.conftest import tiny_dropout_free_model, tiny_run_overrides
 from uegr_dist.backward import MaskedAdamW
 from uegr_dist.config import ConfigError, load_config
 from uegr_dist.engine.train_loop import train
@@ -41,17 +40,7 @@ class OneProcess:
 
 
 def tiny_model(arch: str = "bert") -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model(
-        arch,
-        vocab_size=60,
-        num_labels=3,
-        pad_token_id=0,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        **TINY_MODELS[arch],
-    )
-    return AutoModelForSequenceClassification.from_config(cfg).double()
+    return tiny_dropout_free_model(arch).double()
 
 
 def examples(n: int, seed: int, seq: int = 8) -> list[dict[str, torch.Tensor]]:
