@@ -130,8 +130,8 @@ def execute(suite: Suite, progress: bool = True) -> list[RunOutcome]:
 
 
 def robustness_values(summary: dict[str, Any], target: str) -> dict[str, float]:
-    """Columns from one `uegr-eval` summary: accuracy under each attack on the validation data (for a curve, the
-    accuracy at its largest eps), or the accuracy on a robustness set."""
+    """Columns from one `uegr-eval` summary: accuracy under each attack on the validation data (for a PGD curve,
+    the mean accuracy over its eps > 0 points), or the accuracy on a robustness set."""
     values: dict[str, float] = {}
     if target != "validation":
         clean = summary.get("clean", {})
@@ -142,8 +142,11 @@ def robustness_values(summary: dict[str, Any], target: str) -> dict[str, float]:
         if "attacked_accuracy" in result:
             values[f"{attack}_acc"] = float(result["attacked_accuracy"])
         elif result.get("curve"):
-            last = max(result["curve"], key=lambda point: point["eps"])
-            values[f"{attack}_acc@{last['eps']:g}"] = float(last["accuracy"])
+            # One number per curve: the mean accuracy over its eps > 0 points (the largest eps alone is often 0
+            # for every method, which ranks nothing).
+            points = [float(p["accuracy"]) for p in result["curve"] if p["eps"] > 0]
+            if points:
+                values[f"{attack}_mean_acc"] = sum(points) / len(points)
     return values
 
 
