@@ -123,10 +123,7 @@ def test_aggregate_is_mean_and_sample_std_and_robustness_columns():
     (entry,) = aggregate(rows)
     assert entry["accuracy"]["mean"] == pytest.approx(0.7) and entry["accuracy"]["std"] == pytest.approx(0.2)
     assert entry["char_acc"] == {"mean": pytest.approx(0.3), "std": pytest.approx(0.1), "n": 3}
-    summary = {
-        "clean": {"accuracy": 0.9},
-        "attacks": {"char": {"attacked_accuracy": 0.4}, "pgd_l2": {"curve": [{"eps": 0.0, "accuracy": 0.9},
-                                                                             {"eps": 0.5, "accuracy": 0.6}, {"eps": 1.0, "accuracy": 0.2}]}},
-    }  # fmt: skip
+    curve = [{"eps": 0.0, "accuracy": 0.9}, {"eps": 0.5, "accuracy": 0.6}, {"eps": 1.0, "accuracy": 0.2}]
+    summary = {"clean": {"accuracy": 0.9}, "attacks": {"char": {"attacked_accuracy": 0.4}, "pgd_l2": {"curve": curve}}}
     assert robustness_values(summary, "validation") == {"char_acc": 0.4, "pgd_l2_mean_acc": pytest.approx(0.4)}
     assert robustness_values(summary, "adv_sst2") == {"adv_sst2_acc": 0.9}
