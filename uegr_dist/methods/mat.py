@@ -30,11 +30,11 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from uegr_dist.backward import is_deepspeed_engine
 from uegr_dist.config import ConfigError, MethodConfig
+from uegr_dist.forward import symmetric_kl
 from uegr_dist.methods.base import MethodContext, StepOutput, model_inputs, task_loss
 from uegr_dist.methods.vanilla import Vanilla
 from uegr_dist.rng import mix_key
@@ -42,10 +42,9 @@ from uegr_dist.rng import mix_key
 _THETA_NOISE_STREAM = 0x4D4154
 
 
-def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """logits a, b [B, C] -> scalar: batch mean of KL(p_a || p_b) + KL(p_b || p_a), in float32."""
-    log_a, log_b = F.log_softmax(a.float(), dim=-1), F.log_softmax(b.float(), dim=-1)
-    return ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(-1).mean()
+    return symmetric_kl(a, b).mean()
 
 
 class MAT(Vanilla):
@@ -81,7 +80,7 @@ class MAT(Vanilla):
         delta_bar = delta.clone()
         for _ in range(cfg.k_delta):
             delta.requires_grad_(True)
-            (grad,) = torch.autograd.grad(symmetric_kl(self._logits(embeds + delta, batch), clean), [delta])
+            (grad,) = torch.autograd.grad(_symmetric_kl(self._logits(embeds + delta, batch), clean), [delta])
             noise = torch.randn_like(delta) * math.sqrt(2 * cfg.eta_delta) * cfg.sigma_delta
             delta = (delta.detach() + cfg.eta_delta * grad + noise) * token
             delta_bar.mul_(cfg.beta).add_(delta, alpha=1 - cfg.beta)
@@ -105,7 +104,7 @@ class MAT(Vanilla):
                 embeds = self.ctx.base_model.get_input_embeddings()(batch["input_ids"])
                 clean = self._logits(embeds, batch)
                 loss = task_loss(clean, batch["labels"])
-                objective = loss + cfg.lambda_s * symmetric_kl(self._logits(embeds + delta_bar, batch), clean)
+                objective = loss + cfg.lambda_s * _symmetric_kl(self._logits(embeds + delta_bar, batch), clean)
             if first_loss is None:
                 first_loss, first_logits = loss.detach(), clean.detach()
             grads = torch.autograd.grad(objective, self.params, allow_unused=True)
