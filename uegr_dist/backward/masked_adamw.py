@@ -103,19 +103,22 @@ def _adamw_update_(
     exp_avg_sqs = [state["exp_avg_sq"] for _, state in entries]
     steps = [state["step"].item() for _, state in entries]
 
-    if weight_decay != 0.0:
-        if masks is None:
+    if masks is None:  # torch.optim.AdamW's in-place form: no full-size temporaries for the moments
+        if weight_decay != 0.0:
             torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-        else:
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    else:
+        if weight_decay != 0.0:
             torch._foreach_addcmul_(params, params, masks, value=-lr * weight_decay)
-    first = torch._foreach_sub(grads, exp_avgs)
-    second = torch._foreach_mul(grads, grads)
-    torch._foreach_sub_(second, exp_avg_sqs)
-    if masks is not None:
+        first = torch._foreach_sub(grads, exp_avgs)
+        second = torch._foreach_mul(grads, grads)
+        torch._foreach_sub_(second, exp_avg_sqs)
         torch._foreach_mul_(first, masks)
         torch._foreach_mul_(second, masks)
-    torch._foreach_add_(exp_avgs, first, alpha=1.0 - beta1)
-    torch._foreach_add_(exp_avg_sqs, second, alpha=1.0 - beta2)
+        torch._foreach_add_(exp_avgs, first, alpha=1.0 - beta1)
+        torch._foreach_add_(exp_avg_sqs, second, alpha=1.0 - beta2)
 
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**step) for step in steps])
