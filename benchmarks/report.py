@@ -46,15 +46,15 @@ def _machine_line(machine: dict[str, Any]) -> str:
     )
 
 
+def _header(result: dict[str, Any]) -> list[str]:
+    """The command that produced a result and the machine it ran on (markdown lines)."""
+    return ["```bash", result["command"], "```", "", f"Machine: {_machine_line(result['machine'])}.", ""]
+
+
 def render_throughput(result: dict[str, Any]) -> str:
     """The per-variant table (throughput, memory, stages) and the targets table of a throughput result."""
     lines = [
-        "```bash",
-        result["command"],
-        "```",
-        "",
-        f"Machine: {_machine_line(result['machine'])}.",
-        "",
+        *_header(result),
         "| config (params) | K | S | B | variant | step s | samples/s | tokens/s | TFLOP/s | peak MB | "
         + " | ".join(STAGE_LABELS.values())
         + " |",
@@ -88,12 +88,7 @@ def render_throughput(result: dict[str, Any]) -> str:
 def render_scaling(result: dict[str, Any]) -> str:
     """The 1 vs 2 process table of a scaling result."""
     lines = [
-        "```bash",
-        result["command"],
-        "```",
-        "",
-        f"Machine: {_machine_line(result['machine'])}.",
-        "",
+        *_header(result),
         "| method | launcher | processes | threads/process | global batch | step s | samples/s | "
         "speed-up vs 1 process | comm s/step | peak RSS MB per rank | RSS added MB per rank |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
