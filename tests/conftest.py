@@ -104,3 +104,29 @@ def tiny_run_overrides(arch: str, task: dict[str, Path], out: Path, **extra: obj
             node = node.setdefault(part, {})
         node[leaf] = value
     return cfg
+
+
+def train_victim(root: Path, arch: str = "bert", method: str = "uegr", epochs: int = 4) -> Path:
+    """A tiny model trained by the real `train()` on the easy cue-word task; returns its output directory."""
+    from uegr_dist.config import load_config
+    from uegr_dist.engine.train_loop import train
+
+    task = {
+        "train": write_easy_task(root / "train.jsonl", 256, seed=0),
+        "validation": write_easy_task(root / "validation.jsonl", 64, seed=1),
+    }
+    out = root / f"{arch}-{method}"
+    cfg = tiny_run_overrides(arch, task, out, method__name=method, train__epochs=epochs)
+    assert train(load_config(None, cfg)).metrics["final"]["accuracy"] >= 0.75
+    return out
+
+
+@pytest.fixture(scope="session")
+def victim_dir(tmp_path_factory) -> Path:
+    """The tiny UEGR-trained victim of the robustness tests, trained once per test session (read-only for tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_victim(tmp_path_factory.mktemp("victim"))
+    finally:
+        torch.set_num_threads(threads)

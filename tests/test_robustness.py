@@ -13,10 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForMaskedLM
 
-from tests.conftest import NEGATIVE_WORDS, POSITIVE_WORDS, TINY_MODELS, tiny_run_overrides, write_easy_task
-from uegr_dist.config import ConfigError, load_config
+from tests.conftest import NEGATIVE_WORDS, POSITIVE_WORDS, TINY_MODELS, write_easy_task
+from uegr_dist.config import ConfigError
 from uegr_dist.data.text_classification import DataError
-from uegr_dist.engine.train_loop import train
 from uegr_dist.robustness import evaluate_robustness, load_examples
 from uegr_dist.robustness.candidates import CharEdits, SynonymCandidates
 from uegr_dist.robustness.config import EvalDataConfig
@@ -37,28 +36,11 @@ from uegr_dist.robustness.victim import Victim, load_victim
 STOP = "the"
 
 
-def train_victim(root: Path, arch: str = "bert", method: str = "uegr", epochs: int = 4) -> Path:
-    """A tiny model trained by the real `train()` on the easy cue-word task; returns its output directory."""
-    task = {
-        "train": write_easy_task(root / "train.jsonl", 256, seed=0),
-        "validation": write_easy_task(root / "validation.jsonl", 64, seed=1),
-    }
-    out = root / f"{arch}-{method}"
-    cfg = tiny_run_overrides(arch, task, out, method__name=method, train__epochs=epochs)
-    assert train(load_config(None, cfg)).metrics["final"]["accuracy"] >= 0.75
-    return out
-
-
 def write_eval_file(path: Path, n: int, seed: int) -> Path:
     """Easy-task rows with a stop word in front (it must never be edited)."""
     rows = [json.loads(line) for line in write_easy_task(path, n, seed).read_text().splitlines()]
     path.write_text("".join(json.dumps({**r, "text": f"{STOP} {r['text']}"}) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def victim_dir(tmp_path_factory, one_thread) -> Path:
-    return train_victim(tmp_path_factory.mktemp("victim"))
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_robustness import read_rows, train_victim, write_eval_file
+from tests.conftest import train_victim
+from tests.test_robustness import read_rows, write_eval_file
 from uegr_dist.cli.eval import main
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-
-
-@pytest.fixture(scope="module")
-def victim_dir(tmp_path_factory, one_thread) -> Path:
-    return train_victim(tmp_path_factory.mktemp("victim"))
 
 
 @pytest.fixture(scope="module")

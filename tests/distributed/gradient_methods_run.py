@@ -1,4 +1,5 @@
-"""Train several runs one after the other in one (possibly launched) process: `python gradient_methods_run.py CONFIG...`.
+"""Train several runs one after the other in one (possibly launched) process:
+`python gradient_methods_run.py CONFIG...`.
 
 One `accelerate launch` of this script covers several methods (the launch, not the training, is the slow part).
 Every run saves its model through `train()` (gathered state dict), which the tests compare with one-process runs.
