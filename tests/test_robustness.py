@@ -43,6 +43,10 @@ def write_eval_file(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+# One torch thread, as the launched processes use: the 1- vs 2-process comparisons are exact only then.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def eval_file(tmp_path_factory) -> Path:
     return write_eval_file(tmp_path_factory.mktemp("eval") / "eval.jsonl", 32, seed=7)

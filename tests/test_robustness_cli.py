@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
+# One torch thread, as the launched processes use: the 1- vs 2-process comparisons are exact only then.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def eval_file(tmp_path_factory) -> Path:
     return write_eval_file(tmp_path_factory.mktemp("eval") / "eval.jsonl", 16, seed=7)
