@@ -168,6 +168,11 @@ def _check_method_fields(cfg: Config) -> None:
                 f"train.grad_accum = {cfg.train.grad_accum}: method {method.name} updates the parameters once per "
                 "batch, so it needs grad_accum 1 (raise train.batch_size instead)"
             )
+        if method.name == "mat" and cfg.train.mixed_precision == "fp16":
+            raise ConfigError(
+                "train.mixed_precision = fp16: method mat takes its SGLD gradients without loss scaling, where fp16 "
+                "underflows; use bf16 or no"
+            )
         if method.name == "sam" and method.sam.m_shards > cfg.train.batch_size:
             raise ConfigError(
                 f"method.sam.m_shards = {method.sam.m_shards}: must be <= train.batch_size = {cfg.train.batch_size}"

@@ -12,16 +12,26 @@ Per batch, with e = E(x) and l_s(a, b) = KL(softmax a || softmax b) + KL(softmax
 3. theta <- beta theta_0 + (1 - beta) theta_bar.
 
 The method updates the parameters itself (plain SGLD, as the algorithm states): it leaves no gradient, so the loop's
-optimizer step changes nothing (and `train.lr` / its schedule do not apply; eta_theta is the step size). Each
-descent step's gradient is averaged over processes with one explicit all-reduce and the theta noise is drawn from a
-generator seeded by (seed, step) on every process, so DDP replicas stay identical. The logged loss is the task
-loss at theta_0.
+optimizer step changes nothing (and `train.lr` / its schedule do not apply; eta_theta is the step size). Losses are
+means over the global batch: each descent step's gradient is averaged over processes with one explicit all-reduce,
+and the delta gradient of a process's rows is that of the global-batch mean (the local mean divided by the number of
+processes). The theta noise is drawn from a generator seeded by (seed, step), identical on every process; with
+`method.rng: keyed` delta's random numbers are keyed by (seed, micro-batch, sample id), so N processes reproduce one
+process with the same global batch (with the model's dropout off or equal; MAT does not key dropout). The logged loss
+is the task loss at theta_0.
 
-Deviations / choices: the random numbers of delta (start and noise) come from the process's torch generator (per
-sample, not keyed); the clean logits inside l_s keep their gradient in the descent steps (both sides of the
-symmetric KL depend on theta); no gradient clipping (the loop's clipping sees no gradient). Not supported (start-up
-errors): train.grad_accum > 1 and DeepSpeed (its engine owns the parameter update). Cost: K_delta + 2 K_theta
-forward-backward passes per batch.
+Under DeepSpeed ZeRO-1/2 every process holds the whole model, so the SGLD steps run on full fp32 copies of theta
+gathered from the ZeRO optimizer's fp32 master partitions (one all-gather per step; with bf16 parameters the
+forward passes use their rounded copies). The result is written back into this process's master partition and into
+the (possibly bf16) module parameters; the engine's optimizer never steps, so Adam's state stays empty and a
+checkpoint holds the SGLD result.
+
+Deviations / choices: with `method.rng: fast` delta's random numbers come from the process's torch generator (not
+keyed by sample); the clean logits inside l_s keep their gradient in the descent steps (both sides of the symmetric
+KL depend on theta); no gradient clipping (the loop's clipping sees no gradient). Not supported (start-up errors):
+train.grad_accum > 1, ZeRO-3 (parameters are partitioned: every SGLD step would need them gathered), fp16 (no loss
+scaling for the SGLD gradients) and DeepSpeed's BF16_Optimizer (bf16 + ZeRO-1 with fp32 gradient accumulation).
+Cost: K_delta + 2 K_theta forward-backward passes per batch.
 """
 
 from __future__ import annotations
@@ -30,21 +40,79 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from uegr_dist.backward import is_deepspeed_engine
+from uegr_dist.backward.zero_masking import zero_partitions
 from uegr_dist.config import ConfigError, MethodConfig
 from uegr_dist.forward import symmetric_kl
 from uegr_dist.methods.base import MethodContext, StepOutput, model_inputs, task_loss
+from uegr_dist.methods.noise import noise_row_keys, normal_noise
 from uegr_dist.methods.vanilla import Vanilla
 from uegr_dist.rng import mix_key
 
 _THETA_NOISE_STREAM = 0x4D4154
+_DELTA_INIT_STREAM = 0x4D4154_01
+_DELTA_NOISE_STREAM = 0x4D4154_02
 
 
 def _symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """logits a, b [B, C] -> scalar: batch mean of KL(p_a || p_b) + KL(p_b || p_a), in float32."""
     return symmetric_kl(a, b).mean()
+
+
+# torch >= 2.13 calls it all_gather_single (all_gather_into_tensor is deprecated there); older torch has the latter.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class _ZeroMaster:
+    """The fp32 master weights of a DeepSpeed ZeRO-1/2 optimizer, seen as whole parameters.
+
+    Each process owns one flat fp32 partition per parameter group; the group's flat layout (parameters at their
+    offsets, padded at the end) is the same on every process. `gather` all-gathers the partitions into full fp32
+    copies of every parameter; `write` puts full fp32 values back into this process's partitions.
+    """
+
+    def __init__(self, engine: Any, params: list[nn.Parameter]) -> None:
+        zopt = engine.optimizer
+        self.zopt = zopt
+        self.partitions = zero_partitions(zopt)  # this process's fragments, for `write`
+        self.params = params
+        position = {id(p): i for i, p in enumerate(params)}
+        # (group, [(index in params, offset in the group's flat buffer, numel)])
+        self.layout = []
+        for g, (group, offsets) in enumerate(zip(zopt.round_robin_bit16_groups, zopt.round_robin_bit16_offsets)):
+            entries = [(position.get(id(p), -1), int(off), p.numel()) for p, off in zip(group, offsets)]
+            self.layout.append((g, entries))
+        covered = [index for _, entries in self.layout for index, _, _ in entries]
+        if sorted(covered) != list(range(len(params))):
+            raise ConfigError(
+                f"method.name = mat: the ZeRO optimizer's parameters are not the model's {len(params)} trainable "
+                "ones; MAT needs exactly the trainable parameters in the optimizer"
+            )
+
+    def gather(self) -> list[torch.Tensor]:
+        """Full fp32 copies of the parameters, in `params` order (one all-gather per parameter group)."""
+        full: list[torch.Tensor | None] = [None] * len(self.params)
+        for (g, entries), part in zip(self.layout, self.partitions):
+            group = self.zopt.real_dp_process_group[g]
+            master = part.master.detach()
+            flat = torch.empty(master.numel() * dist.get_world_size(group), dtype=torch.float32, device=master.device)
+            _all_gather_flat(flat, master.float().contiguous(), group=group)
+            for index, offset, numel in entries:
+                device = self.params[index].device
+                full[index] = flat[offset : offset + numel].view_as(self.params[index]).to(device, copy=True)
+        return full  # type: ignore[return-value]
+
+    def write(self, values: list[torch.Tensor]) -> None:
+        """This process's fp32 partitions <- the matching slices of `values` (full fp32 tensors, `params` order)."""
+        position = {id(p): i for i, p in enumerate(self.params)}
+        with torch.no_grad():
+            for part in self.partitions:
+                for param, start, at, length in part.fragments:
+                    source = values[position[id(param)]].reshape(-1)[start : start + length]
+                    part.master[at : at + length].copy_(source.to(part.master.device, part.master.dtype))
 
 
 class MAT(Vanilla):
@@ -54,34 +122,53 @@ class MAT(Vanilla):
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg.mat
+        self.keyed = cfg.rng == "keyed"
 
     def setup(self, ctx: MethodContext) -> None:
-        """Refuse DeepSpeed (its engine steps the parameters inside backward)."""
-        if is_deepspeed_engine(ctx.model):
-            raise ConfigError(
-                "method.name = mat: MAT updates the parameters itself (SGLD), which DeepSpeed's engine owns; "
-                "use one process or DDP"
-            )
+        """Refuse ZeRO-3, fp16 and BF16_Optimizer; under ZeRO-1/2 find the fp32 master partitions."""
         super().setup(ctx)
         self.params = [param for _, param in ctx.named_parameters]
+        self.master: _ZeroMaster | None = None
+        if is_deepspeed_engine(ctx.model):
+            if ctx.model.zero_optimization_stage() == 3:
+                raise ConfigError(
+                    "method.name = mat: ZeRO-3 partitions the parameters, and MAT's SGLD steps need them whole on "
+                    "every process; use ZeRO-1/2 or DDP"
+                )
+            if ctx.model.fp16_enabled():
+                raise ConfigError("method.name = mat: DeepSpeed fp16 is not supported (no loss scaling for SGLD)")
+            try:
+                self.master = _ZeroMaster(ctx.model, self.params)
+            except NotImplementedError as error:
+                raise ConfigError(f"method.name = mat: {error}") from None
 
     def _logits(self, embeds: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         extra = {k: v for k, v in model_inputs(batch).items() if k != "input_ids"}
         return self.ctx.base_model(inputs_embeds=embeds, **extra).logits
 
-    def _perturbation(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _perturbation(self, batch: dict[str, torch.Tensor], micro_step: int) -> torch.Tensor:
         """delta_bar [B, S, D] after K_delta SGLD ascent steps on l_s (parameters untouched)."""
         cfg = self.cfg
         with torch.no_grad():
             embeds = self.ctx.base_model.get_input_embeddings()(batch["input_ids"])
             clean = self._logits(embeds, batch)
         token = batch["attention_mask"].to(embeds.dtype).unsqueeze(-1)
-        delta = torch.randn_like(embeds) * cfg.init_std * token
+        row_keys = noise_row_keys(batch, self.keyed)
+        key = mix_key(self.ctx.seed, micro_step)
+
+        def normal(stream: int) -> torch.Tensor:
+            if row_keys is None:
+                return torch.randn_like(embeds)
+            return normal_noise(tuple(embeds.shape), row_keys, stream, embeds.device).to(embeds.dtype)
+
+        delta = normal(mix_key(key, _DELTA_INIT_STREAM)) * cfg.init_std * token
         delta_bar = delta.clone()
-        for _ in range(cfg.k_delta):
+        for k in range(cfg.k_delta):
             delta.requires_grad_(True)
-            (grad,) = torch.autograd.grad(_symmetric_kl(self._logits(embeds + delta, batch), clean), [delta])
-            noise = torch.randn_like(delta) * math.sqrt(2 * cfg.eta_delta) * cfg.sigma_delta
+            # The global-batch mean: the local mean over num_processes equal shares.
+            objective = _symmetric_kl(self._logits(embeds + delta, batch), clean) / self.ctx.num_processes
+            (grad,) = torch.autograd.grad(objective, [delta])
+            noise = normal(mix_key(key, _DELTA_NOISE_STREAM, k)) * (math.sqrt(2 * cfg.eta_delta) * cfg.sigma_delta)
             delta = (delta.detach() + cfg.eta_delta * grad + noise) * token
             delta_bar.mul_(cfg.beta).add_(delta, alpha=1 - cfg.beta)
         return delta_bar
@@ -92,9 +179,12 @@ class MAT(Vanilla):
         """Sample delta_bar, take K_theta SGLD steps on theta, interpolate; leaves no gradient for the optimizer."""
         cfg = self.cfg
         with accelerator.autocast():
-            delta_bar = self._perturbation(batch)
-        start = [p.detach().clone() for p in self.params]
-        theta_bar = [p.clone() for p in start]
+            delta_bar = self._perturbation(batch, micro_step)
+        # theta: the parameters themselves, or full fp32 copies of the ZeRO master weights (the module's parameters
+        # then only carry their values into the forward passes).
+        theta = [p.data for p in self.params] if self.master is None else self.master.gather()
+        start = [t.clone() for t in theta]
+        theta_bar = [t.clone() for t in theta]
         generator = torch.Generator(device=start[0].device).manual_seed(
             mix_key(self.ctx.seed, _THETA_NOISE_STREAM, step) & (2**63 - 1)
         )
@@ -108,20 +198,24 @@ class MAT(Vanilla):
             if first_loss is None:
                 first_loss, first_logits = loss.detach(), clean.detach()
             grads = torch.autograd.grad(objective, self.params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+            grads = [torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(theta, grads)]
             if self.ctx.all_reduce_sum is not None:
                 flat = torch.cat([g.reshape(-1) for g in grads]) / self.ctx.num_processes
                 self.ctx.all_reduce_sum(flat)
                 grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
             with torch.no_grad():
-                torch._foreach_add_([p.data for p in self.params], grads, alpha=-cfg.eta_theta)
+                torch._foreach_add_(theta, grads, alpha=-cfg.eta_theta)
                 if cfg.sigma_theta > 0:
                     scale = math.sqrt(2 * cfg.eta_theta) * cfg.sigma_theta
-                    noise = [torch.randn(p.shape, generator=generator, device=p.device) * scale for p in self.params]
-                    torch._foreach_add_([p.data for p in self.params], noise)
-                torch._foreach_lerp_(theta_bar, [p.detach() for p in self.params], 1 - cfg.beta)
+                    noise = [torch.randn(t.shape, generator=generator, device=t.device) * scale for t in theta]
+                    torch._foreach_add_(theta, noise)
+                torch._foreach_lerp_(theta_bar, theta, 1 - cfg.beta)
+                if self.master is not None:
+                    torch._foreach_copy_([p.data for p in self.params], theta)
         with torch.no_grad():
             torch._foreach_lerp_(start, theta_bar, 1 - cfg.beta)  # beta theta_0 + (1 - beta) theta_bar
             torch._foreach_copy_([p.data for p in self.params], start)
+            if self.master is not None:
+                self.master.write(start)
         assert first_loss is not None
         return StepOutput(first_loss, first_logits, {"task_loss": first_loss.item()})
