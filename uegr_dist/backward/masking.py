@@ -230,6 +230,44 @@ def soft_keep_mask(
     return keep
 
 
+def select_coordinates(
+    options: MaskOptions,
+    scores: torch.Tensor,
+    layout: MaskLayout,
+    k: torch.Tensor,
+    step: int,
+    *,
+    all_reduce_sum: AllReduceSum | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """One step's choice among the covered coordinates of scores [n] (this rank's, in `layout` order).
+
+    Returns keep (bool [n]), the gradient multiplier (float32 [n], from a selector that rescales; else None) and the
+    mean over segments of the hard threshold (NaN for soft masks and selectors). k: int64 [S] keep counts per
+    segment (hard masks). all_reduce_sum: the cross-rank sum (None in one process). `options.selector` decides when
+    given, else the hard top-k (`select_top_k`) or the soft Bernoulli mask (`soft_keep_mask`).
+    """
+    if options.selector is not None:
+        keep, multiplier = options.selector(scores, layout, step, all_reduce_sum)
+        return keep, multiplier, math.nan
+    if options.kind == "hard":
+        keep, thresholds = select_top_k(
+            scores, layout.segment_offsets, k, position_runs=layout.position_runs, all_reduce_sum=all_reduce_sum
+        )
+        return keep, None, float(thresholds.threshold.nanmean())
+    keep = soft_keep_mask(
+        scores,
+        layout.segment_offsets,
+        layout.position_runs,
+        layout.run_sizes,
+        options.ratio,
+        options.soft_temperature,
+        options.seed,
+        step,
+        all_reduce_sum=all_reduce_sum,
+    )
+    return keep, None, math.nan
+
+
 class GradientMasker:
     """Saliency top-rho gradient mask over named parameters (hard top-k or RoAST-style soft Bernoulli mask).
 
@@ -295,30 +333,13 @@ class GradientMasker:
         """Score the current gradients, build this step's mask and zero the gradients of the dropped coordinates."""
         grads = [param.grad for param in self.params]
         scores = self.scorer.score_(self.scores, self.score_views, self.params, grads)
-        multiplier = None
-        if self.options.selector is not None:
-            keep, multiplier = self.options.selector(scores, self.layout, step, None)
-            mean_threshold = math.nan
-        elif self.options.kind == "hard":
-            keep, thresholds = select_top_k(scores, self.segment_offsets, self.k, position_runs=self.position_runs)
-            mean_threshold = float(thresholds.threshold.nanmean())
-        else:
-            keep = self._soft_mask(scores, step)
-            mean_threshold = math.nan
+        keep, multiplier, mean_threshold = select_coordinates(self.options, scores, self.layout, self.k, step)
         self._mask = keep
         factors = self._views(keep if multiplier is None else multiplier)
         masked = [(grad, view) for grad, view in zip(grads, factors) if grad is not None]
         if masked:
             torch._foreach_mul_([grad for grad, _ in masked], [view for _, view in masked])
         return MaskStats(int(keep.count_nonzero()), self.total, self.k.numel(), mean_threshold)
-
-    def _soft_mask(self, scores: torch.Tensor, step: int) -> torch.Tensor:
-        """Bernoulli(sigmoid(2 T (rank - (1 - ratio)))) keep mask (bool [N]), keyed by (seed, step, position)."""
-        sizes = [param.numel() for param in self.params]
-        opts = self.options
-        return soft_keep_mask(
-            scores, self.segment_offsets, self.position_runs, sizes, opts.ratio, opts.soft_temperature, opts.seed, step
-        )
 
     def update_masks(self) -> dict[torch.nn.Parameter, torch.Tensor]:
         """Bool keep mask per covered parameter (shaped like it; views into one flat buffer) from the last apply_."""

@@ -42,9 +42,8 @@ from uegr_dist.backward.masking import (
     covered_parameters,
     keep_count,
     segment_names,
-    soft_keep_mask,
+    select_coordinates,
 )
-from uegr_dist.backward.radix_select import select_top_k
 from uegr_dist.backward.saliency import SaliencyScorer
 
 logger = logging.getLogger(__name__)
@@ -315,32 +314,9 @@ class ZeroGradientMasker:
         """Score this rank's gradient partition, select globally, zero dropped coordinates and set the clip factor."""
         grads = [partition.grad_views() for partition in self.partitions]
         scores = self.scorer.score_(self.scores, self._score_views, self._master_views, self._gradient_slices(grads))
-        multiplier = None
-        if self.options.selector is not None:
-            keep, multiplier = self.options.selector(scores, self.layout, self.step, self._all_reduce_sum)
-            mean_threshold = math.nan
-        elif self.options.kind == "hard":
-            keep, thresholds = select_top_k(
-                scores,
-                self.segment_offsets,
-                self.k,
-                position_runs=self.position_runs,
-                all_reduce_sum=self._all_reduce_sum,
-            )
-            mean_threshold = float(thresholds.threshold.nanmean())
-        else:
-            keep = soft_keep_mask(
-                scores,
-                self.segment_offsets,
-                self.position_runs,
-                self.run_sizes,
-                self.options.ratio,
-                self.options.soft_temperature,
-                self.options.seed,
-                self.step,
-                all_reduce_sum=self._all_reduce_sum,
-            )
-            mean_threshold = math.nan
+        keep, multiplier, mean_threshold = select_coordinates(
+            self.options, scores, self.layout, self.k, self.step, all_reduce_sum=self._all_reduce_sum
+        )
         if self._keep_views:
             torch._foreach_copy_(self._keep_views, list(keep.split(self.run_sizes)))
         factors: list[torch.Tensor] = self.keep_masks
