@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from uegr_dist.backward.masking import _SOFT_MASK_STREAM, GradientMasker, keep_count, segment_names
+from uegr_dist.backward.masking import _SOFT_MASK_STREAM, GradientMasker, MaskOptions, keep_count, segment_names
 from uegr_dist.backward.radix_select import relative_rank
 from uegr_dist.backward.saliency import SaliencyScorer
+from uegr_dist.config import MaskConfig
 from uegr_dist.rng import keyed_uniform_flat, mix_key
 
 SHAPES = {
@@ -88,7 +90,7 @@ def test_hard_mask_matches_sort_per_segment(scope: str) -> None:
     named = toy_params()
     names = [name for name, _ in named]
     before = {name: param.grad.clone() for name, param in named}
-    masker = GradientMasker(named, ratio=0.3, scope=scope)
+    masker = GradientMasker(named, MaskOptions(ratio=0.3, scope=scope))
     stats = masker.apply_(step=0)
     masks = masker.update_masks()
     expected_kept = 0
@@ -119,7 +121,7 @@ def test_keep_count_is_exact() -> None:
 def test_ratio_one_keeps_every_gradient() -> None:
     named = toy_params(integer=False)
     before = [param.grad.clone() for _, param in named]
-    stats = GradientMasker(named, ratio=1.0).apply_(step=0)
+    stats = GradientMasker(named, MaskOptions(ratio=1.0)).apply_(step=0)
     assert stats.kept == stats.total
     assert all(torch.equal(param.grad, grad) for (_, param), grad in zip(named, before))
 
@@ -130,7 +132,7 @@ def test_excluded_frozen_and_gradless_parameters() -> None:
     params["pooler.dense.weight"].requires_grad_(False)
     params["encoder.layer.0.attn.bias"].grad = None
     before = {name: None if p.grad is None else p.grad.clone() for name, p in named}
-    masker = GradientMasker(named, ratio=0.2, exclude=[r"^classifier\.", "pooler"])
+    masker = GradientMasker(named, MaskOptions(ratio=0.2, exclude=[r"^classifier\.", "pooler"]))
     masker.apply_(step=3)
     masks = masker.update_masks()
     for name in ("classifier.weight", "classifier.bias", "pooler.dense.weight"):
@@ -172,7 +174,7 @@ def test_saliency_kinds_equal_per_tensor_reference() -> None:
 
 def test_fisher_ema_state_round_trip() -> None:
     named = toy_params(integer=False)
-    masker = GradientMasker(named, ratio=0.3, saliency="fisher_ema", ema_beta=0.5, scope="per_layer")
+    masker = GradientMasker(named, MaskOptions(ratio=0.3, saliency="fisher_ema", ema_beta=0.5, scope="per_layer"))
     masker.apply_(step=0)
     state = masker.state_dict()
     assert state["saliency"]["ema"] is not None and state["saliency"]["ema"].abs().sum() > 0
@@ -180,7 +182,7 @@ def test_fisher_ema_state_round_trip() -> None:
     gen = torch.Generator().manual_seed(9)
     new_grads = [torch.randn(p.shape, generator=gen) for _, p in named]
     twin = toy_params(integer=False)
-    restored = GradientMasker(twin, ratio=0.3, saliency="fisher_ema", ema_beta=0.5, scope="per_layer")
+    restored = GradientMasker(twin, MaskOptions(ratio=0.3, saliency="fisher_ema", ema_beta=0.5, scope="per_layer"))
     restored.load_state_dict(state)
     for (_, a), (_, b), grad in zip(named, twin, new_grads):
         a.grad, b.grad = grad.clone(), grad.clone()
@@ -190,7 +192,7 @@ def test_fisher_ema_state_round_trip() -> None:
     assert not torch.equal(masker.scorer.ema, state["saliency"]["ema"])  # the state evolved
     assert all(torch.equal(masker.update_masks()[a], restored.update_masks()[b]) for (_, a), (_, b) in zip(named, twin))
 
-    other = GradientMasker(toy_params(), saliency="fisher_ema", exclude=["classifier"])
+    other = GradientMasker(toy_params(), MaskOptions(saliency="fisher_ema", exclude=["classifier"]))
     with pytest.raises(ValueError, match="differ"):
         other.load_state_dict(state)
 
@@ -210,13 +212,13 @@ def test_soft_mask_reproducible_and_on_target() -> None:
     ratio, temperature = 0.3, 10.0
     named = big_params(0)
     grads = [param.grad.clone() for _, param in named]
-    masker = GradientMasker(named, ratio=ratio, kind="soft", soft_temperature=temperature, seed=5)
+    masker = GradientMasker(named, MaskOptions(ratio=ratio, kind="soft", soft_temperature=temperature, seed=5))
     stats = masker.apply_(step=4)
     mask = torch.cat([m.flatten() for m in masker.update_masks().values()])
 
     for (_, param), grad in zip(named, grads):
         param.grad = grad.clone()
-    again = GradientMasker(named, ratio=ratio, kind="soft", soft_temperature=temperature, seed=5)
+    again = GradientMasker(named, MaskOptions(ratio=ratio, kind="soft", soft_temperature=temperature, seed=5))
     again.apply_(step=4)
     assert torch.equal(torch.cat([m.flatten() for m in again.update_masks().values()]), mask)
     for (_, param), grad in zip(named, grads):
@@ -238,21 +240,49 @@ def test_soft_mask_reproducible_and_on_target() -> None:
 
 
 def test_invalid_arguments_raise() -> None:
+    """A bad option fails when MaskOptions is built, naming the option (the `method.mask` key) and the value."""
     named = toy_params()
     for kwargs, message in [
-        ({"ratio": 0.0}, "ratio"),
+        ({"ratio": 0.0}, r"ratio must be in \(0, 1\], got 0.0"),
         ({"ratio": 1.5}, "ratio"),
-        ({"scope": "per_head"}, "scope"),
+        ({"scope": "per_head"}, "scope must be one of .*'per_head'"),
         ({"kind": "sparse"}, "kind"),
         ({"saliency": "hessian"}, "saliency"),
+        ({"ema_beta": 1.0}, "ema_beta"),
         ({"soft_temperature": 0.0}, "soft_temperature"),
         ({"exclude": ["("]}, "regex"),
-        ({"exclude": ["."]}, "no parameter"),
     ]:
         with pytest.raises(ValueError, match=message):
-            GradientMasker(named, **kwargs)  # type: ignore[arg-type]
+            MaskOptions(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no parameter"):
+        GradientMasker(named, MaskOptions(exclude=["."]))
     with pytest.raises(RuntimeError, match="apply_"):
-        GradientMasker(named).update_masks()
+        GradientMasker(named, MaskOptions()).update_masks()
+
+
+def test_mask_options_from_config_carry_every_mask_key() -> None:
+    """Every `method.mask` key but `enabled` reaches the masker; the options do not follow later config edits."""
+    cfg = MaskConfig(
+        ratio=0.2, scope="per_layer", kind="soft", saliency="fisher_ema", ema_beta=0.5, soft_temperature=3.0
+    )
+    cfg.exclude.append("classifier")
+    options = MaskOptions.from_config(cfg, seed=7)
+    assert options == MaskOptions(
+        ratio=0.2,
+        scope="per_layer",
+        kind="soft",
+        saliency="fisher_ema",
+        ema_beta=0.5,
+        soft_temperature=3.0,
+        exclude=("classifier",),
+        seed=7,
+    )
+    cfg.exclude.append("pooler")
+    assert options.exclude == ("classifier",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.ratio = 0.5  # type: ignore[misc]
+    with pytest.raises(ValueError, match="ratio"):
+        MaskOptions.from_config(MaskConfig(ratio=0.0), seed=0)  # a config built in code skips the loader's checks
 
 
 def test_soft_mask_is_keyed_by_canonical_position() -> None:
@@ -260,7 +290,7 @@ def test_soft_mask_is_keyed_by_canonical_position() -> None:
     named = toy_params(integer=False)
     names = [name for name, _ in named]
     grads = {name: param.grad.clone() for name, param in named}
-    masker = GradientMasker(named, ratio=0.4, scope="per_layer", kind="soft", soft_temperature=3.0, seed=2)
+    masker = GradientMasker(named, MaskOptions(ratio=0.4, scope="per_layer", kind="soft", soft_temperature=3.0, seed=2))
     masker.apply_(step=7)
     masks = masker.update_masks()
     starts = [0, *torch.tensor([p.numel() for _, p in named]).cumsum(0).tolist()]

@@ -1,7 +1,15 @@
 """Backward stage of UEGR: saliency scores, exact top-rho selection (sharding-ready) and the masked optimizer step."""
 
 from uegr_dist.backward.masked_adamw import MaskedAdamW
-from uegr_dist.backward.masking import MASK_KINDS, SCOPES, GradientMasker, MaskStats, keep_count, segment_names
+from uegr_dist.backward.masking import (
+    MASK_KINDS,
+    SCOPES,
+    GradientMasker,
+    MaskOptions,
+    MaskStats,
+    keep_count,
+    segment_names,
+)
 from uegr_dist.backward.radix_select import (
     RadixThreshold,
     TopK,
@@ -17,6 +25,7 @@ __all__ = [
     "SALIENCY_KINDS",
     "SCOPES",
     "GradientMasker",
+    "MaskOptions",
     "MaskStats",
     "MaskedAdamW",
     "RadixThreshold",

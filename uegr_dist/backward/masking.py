@@ -13,19 +13,23 @@ parameters; it breaks ties (lowest first) and keys the soft mask's random number
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
 from uegr_dist.backward.radix_select import AllReduceSum, relative_rank, select_top_k
-from uegr_dist.backward.saliency import SaliencyScorer
+from uegr_dist.backward.saliency import SaliencyScorer, check_saliency
 from uegr_dist.rng import keyed_uniform_flat, mix_key
+
+if TYPE_CHECKING:
+    from uegr_dist.config import MaskConfig
 
 SCOPES = ("global", "per_layer", "per_tensor")
 MASK_KINDS = ("hard", "soft")
@@ -84,6 +88,11 @@ class MaskSelector(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
+def _check_scope(scope: str) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+
 def segment_names(names: Sequence[str], scope: str) -> list[str]:
     """The segment each parameter name belongs to under `scope` (one string per name).
 
@@ -92,8 +101,7 @@ def segment_names(names: Sequence[str], scope: str) -> list[str]:
     "roberta.encoder.layer.3"; every other parameter belongs to its shortest module prefix that contains no layer,
     e.g. "roberta.embeddings", "roberta.pooler", "classifier" (a top-level parameter: its own name).
     """
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    _check_scope(scope)
     if scope == "global":
         return ["global"] * len(names)
     if scope == "per_tensor":
@@ -121,26 +129,67 @@ def keep_count(ratio: float, numel: int) -> int:
     return min(numel, max(1, math.ceil(Fraction(str(float(ratio))) * numel)))
 
 
-def check_mask_options(ratio: float, kind: str, soft_temperature: float) -> None:
-    """Fail with the value and what is allowed when a mask option is out of range."""
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    if kind not in MASK_KINDS:
-        raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
-    if not soft_temperature > 0.0:
-        raise ValueError(f"soft_temperature must be > 0, got {soft_temperature}")
-
-
-def covered_parameters(
-    named_params: Sequence[tuple[str, torch.nn.Parameter]], exclude: Sequence[str]
-) -> list[tuple[str, torch.nn.Parameter]]:
-    """The (name, parameter) pairs a mask covers, in the given order: trainable and matching no `exclude` regex."""
+def exclude_patterns(exclude: Sequence[str]) -> list[re.Pattern[str]]:
+    """The compiled `exclude` regexes; fails naming the pattern that does not compile."""
     patterns = []
     for pattern in exclude:
         try:
             patterns.append(re.compile(pattern))
         except re.error as error:
             raise ValueError(f"exclude pattern {pattern!r} is not a valid regex: {error}") from error
+    return patterns
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """Which gradient coordinates a masker keeps; `GradientMasker` and `ZeroGradientMasker` take the same options.
+
+    ratio: rho in (0, 1]; every segment keeps max(1, ceil(rho * size)) coordinates (hard) or about that fraction in
+    expectation (soft). scope: the segments, "global", "per_layer" or "per_tensor" (`segment_names`). kind: "hard"
+    (exact top-k) or "soft" (RoAST-style Bernoulli mask, see `GradientMasker`). saliency, ema_beta: the score
+    (`SaliencyScorer`). soft_temperature: T of the soft keep probability. exclude: regexes (`re.search` on the
+    parameter name) of parameters that are never masked; stored as a tuple. seed: keys the soft mask's random
+    numbers. selector: a method's own keep rule (`MaskSelector`), replacing hard / soft selection; it may also
+    rescale the kept gradients.
+
+    Every option is checked here, once: a bad value raises ValueError naming the option (the `method.mask` config
+    key of the same name), the value and what is allowed.
+    """
+
+    ratio: float = 0.3
+    scope: str = "global"
+    kind: str = "hard"
+    saliency: str = "taylor"
+    ema_beta: float = 0.9
+    soft_temperature: float = 10.0
+    exclude: Sequence[str] = ()
+    seed: int = 0
+    selector: MaskSelector | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude))  # a config's list must not change under the masker
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+        _check_scope(self.scope)
+        if self.kind not in MASK_KINDS:
+            raise ValueError(f"kind must be one of {MASK_KINDS}, got {self.kind!r}")
+        check_saliency(self.saliency, self.ema_beta)
+        if not self.soft_temperature > 0.0:
+            raise ValueError(f"soft_temperature must be > 0, got {self.soft_temperature}")
+        exclude_patterns(self.exclude)
+
+    @classmethod
+    def from_config(cls, mask: MaskConfig, *, seed: int, selector: MaskSelector | None = None) -> MaskOptions:
+        """The options of a `method.mask` config: every field but the on/off switch `enabled`, plus the run's seed."""
+        fields = {f.name: getattr(mask, f.name) for f in dataclasses.fields(mask) if f.name != "enabled"}
+        return cls(**fields, seed=seed, selector=selector)
+
+
+def covered_parameters(
+    named_params: Sequence[tuple[str, torch.nn.Parameter]], exclude: Sequence[str]
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """The (name, parameter) pairs a mask covers, in the given order: trainable and matching no `exclude` regex."""
+    patterns = exclude_patterns(exclude)
     if len({id(param) for _, param in named_params}) != len(named_params):
         raise ValueError("named_params lists the same parameter twice")
     covered = [
@@ -181,42 +230,62 @@ def soft_keep_mask(
     return keep
 
 
+def select_coordinates(
+    options: MaskOptions,
+    scores: torch.Tensor,
+    layout: MaskLayout,
+    k: torch.Tensor,
+    step: int,
+    *,
+    all_reduce_sum: AllReduceSum | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """One step's choice among the covered coordinates of scores [n] (this rank's, in `layout` order).
+
+    Returns keep (bool [n]), the gradient multiplier (float32 [n], from a selector that rescales; else None) and the
+    mean over segments of the hard threshold (NaN for soft masks and selectors). k: int64 [S] keep counts per
+    segment (hard masks). all_reduce_sum: the cross-rank sum (None in one process). `options.selector` decides when
+    given, else the hard top-k (`select_top_k`) or the soft Bernoulli mask (`soft_keep_mask`).
+    """
+    if options.selector is not None:
+        keep, multiplier = options.selector(scores, layout, step, all_reduce_sum)
+        return keep, multiplier, math.nan
+    if options.kind == "hard":
+        keep, thresholds = select_top_k(
+            scores, layout.segment_offsets, k, position_runs=layout.position_runs, all_reduce_sum=all_reduce_sum
+        )
+        return keep, None, float(thresholds.threshold.nanmean())
+    keep = soft_keep_mask(
+        scores,
+        layout.segment_offsets,
+        layout.position_runs,
+        layout.run_sizes,
+        options.ratio,
+        options.soft_temperature,
+        options.seed,
+        step,
+        all_reduce_sum=all_reduce_sum,
+    )
+    return keep, None, math.nan
+
+
 class GradientMasker:
     """Saliency top-rho gradient mask over named parameters (hard top-k or RoAST-style soft Bernoulli mask).
 
-    named_params: in the canonical (optimizer) order. Parameters matching an `exclude` regex (`re.search` on the
-    name) or with requires_grad False are never masked. ratio: rho in (0, 1]; every segment keeps
-    max(1, ceil(rho * size)) coordinates (hard) or about that fraction in expectation (soft, see below).
+    named_params: in the canonical (optimizer) order. options: what to keep (`MaskOptions`). Parameters matching
+    an `exclude` regex or with requires_grad False are never masked; every segment keeps max(1, ceil(rho * size))
+    coordinates (hard) or about that fraction in expectation (soft, see below).
     kind "soft": relative rank r in [0, 1] within the segment (1 = most salient; 16-bit radix resolution, see
     `relative_rank`), keep probability sigmoid(2 * soft_temperature * (r - (1 - ratio))), Bernoulli draws keyed
     by (seed, step, global position) so they are reproducible and independent of sharding. No 1/p rescaling.
     Equal scores share their mean rank instead of being ordered arbitrarily, so a segment with many exact ties (zero
     gradients of unused embedding rows) keeps fewer than rho of its coordinates in expectation; hard masks keep
-    exactly k, splitting ties by position.
-    selector: a method's own keep rule (`MaskSelector`), replacing hard / soft selection; it may also rescale
-    the kept gradients.
+    exactly k, splitting ties by position. A `selector` replaces hard / soft selection.
     """
 
-    def __init__(
-        self,
-        named_params: Sequence[tuple[str, torch.nn.Parameter]],
-        *,
-        ratio: float = 0.3,
-        scope: str = "global",
-        kind: str = "hard",
-        saliency: str = "taylor",
-        ema_beta: float = 0.9,
-        soft_temperature: float = 10.0,
-        exclude: Sequence[str] = (),
-        seed: int = 0,
-        selector: MaskSelector | None = None,
-    ) -> None:
-        check_mask_options(ratio, kind, soft_temperature)
-        self.selector = selector
-        self.ratio, self.scope, self.kind = ratio, scope, kind
-        self.soft_temperature, self.seed = soft_temperature, seed
-        self.scorer = SaliencyScorer(saliency, ema_beta=ema_beta)
-        covered = covered_parameters(named_params, exclude)
+    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], options: MaskOptions) -> None:
+        self.options = options
+        self.scorer = SaliencyScorer(options.saliency, ema_beta=options.ema_beta)
+        covered = covered_parameters(named_params, options.exclude)
         devices = {param.device for _, param in covered}
         if len(devices) > 1:
             raise ValueError(f"all masked parameters must be on one device, got {sorted(map(str, devices))}")
@@ -225,7 +294,7 @@ class GradientMasker:
         canonical_starts = [0]
         for _, param in covered:
             canonical_starts.append(canonical_starts[-1] + param.numel())
-        segments = segment_names([name for name, _ in covered], scope)
+        segments = segment_names([name for name, _ in covered], options.scope)
         segment_order = {segment: i for i, segment in enumerate(dict.fromkeys(segments))}
         layout = sorted(range(len(covered)), key=lambda i: (segment_order[segments[i]], i))
         self.names = [covered[i][0] for i in layout]
@@ -242,7 +311,9 @@ class GradientMasker:
         # Selection metadata: segment boundaries [S+1] and keep counts [S] in the layout, (layout start, canonical
         # start) per parameter [P, 2].
         self.segment_offsets = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int64, device=self.device)
-        self.k = torch.tensor([keep_count(ratio, size) for size in sizes], dtype=torch.int64, device=self.device)
+        self.k = torch.tensor(
+            [keep_count(options.ratio, size) for size in sizes], dtype=torch.int64, device=self.device
+        )
         self.position_runs = torch.tensor(runs, dtype=torch.int64, device=self.device)
         self.scores = torch.zeros(self.total, dtype=torch.float32, device=self.device)
         self.score_views = self._views(self.scores)
@@ -262,29 +333,13 @@ class GradientMasker:
         """Score the current gradients, build this step's mask and zero the gradients of the dropped coordinates."""
         grads = [param.grad for param in self.params]
         scores = self.scorer.score_(self.scores, self.score_views, self.params, grads)
-        multiplier = None
-        if self.selector is not None:
-            keep, multiplier = self.selector(scores, self.layout, step, None)
-            mean_threshold = math.nan
-        elif self.kind == "hard":
-            keep, thresholds = select_top_k(scores, self.segment_offsets, self.k, position_runs=self.position_runs)
-            mean_threshold = float(thresholds.threshold.nanmean())
-        else:
-            keep = self._soft_mask(scores, step)
-            mean_threshold = math.nan
+        keep, multiplier, mean_threshold = select_coordinates(self.options, scores, self.layout, self.k, step)
         self._mask = keep
         factors = self._views(keep if multiplier is None else multiplier)
         masked = [(grad, view) for grad, view in zip(grads, factors) if grad is not None]
         if masked:
             torch._foreach_mul_([grad for grad, _ in masked], [view for _, view in masked])
         return MaskStats(int(keep.count_nonzero()), self.total, self.k.numel(), mean_threshold)
-
-    def _soft_mask(self, scores: torch.Tensor, step: int) -> torch.Tensor:
-        """Bernoulli(sigmoid(2 T (rank - (1 - ratio)))) keep mask (bool [N]), keyed by (seed, step, position)."""
-        sizes = [param.numel() for param in self.params]
-        return soft_keep_mask(
-            scores, self.segment_offsets, self.position_runs, sizes, self.ratio, self.soft_temperature, self.seed, step
-        )
 
     def update_masks(self) -> dict[torch.nn.Parameter, torch.Tensor]:
         """Bool keep mask per covered parameter (shaped like it; views into one flat buffer) from the last apply_."""

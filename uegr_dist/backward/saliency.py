@@ -16,14 +16,19 @@ import torch
 SALIENCY_KINDS = ("taylor", "grad_sq", "fisher_ema")
 
 
+def check_saliency(kind: str, ema_beta: float) -> None:
+    """Fail with the value and what is allowed when the saliency kind or its EMA decay is out of range."""
+    if kind not in SALIENCY_KINDS:
+        raise ValueError(f"saliency must be one of {SALIENCY_KINDS}, got {kind!r}")
+    if not 0.0 <= ema_beta < 1.0:
+        raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta}")
+
+
 class SaliencyScorer:
     """Scores of one kind; for "fisher_ema" also the EMA state (a flat fp32 buffer, zero-initialised)."""
 
     def __init__(self, kind: str = "taylor", *, ema_beta: float = 0.9) -> None:
-        if kind not in SALIENCY_KINDS:
-            raise ValueError(f"saliency must be one of {SALIENCY_KINDS}, got {kind!r}")
-        if not 0.0 <= ema_beta < 1.0:
-            raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta}")
+        check_saliency(kind, ema_beta)
         self.kind = kind
         self.ema_beta = ema_beta
         # The zero start biases early EMAs low by the same factor everywhere, which no ranking can see, so there

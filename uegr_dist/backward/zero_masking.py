@@ -37,15 +37,13 @@ import torch.distributed as dist
 
 from uegr_dist.backward.masking import (
     MaskLayout,
-    MaskSelector,
+    MaskOptions,
     MaskStats,
-    check_mask_options,
     covered_parameters,
     keep_count,
     segment_names,
-    soft_keep_mask,
+    select_coordinates,
 )
-from uegr_dist.backward.radix_select import select_top_k
 from uegr_dist.backward.saliency import SaliencyScorer
 
 logger = logging.getLogger(__name__)
@@ -168,41 +166,31 @@ class ZeroGradientMasker:
     """`GradientMasker` for a DeepSpeed ZeRO engine: the same mask, computed shard by shard inside the ZeRO step.
 
     named_params: the model's trainable parameters in the canonical (optimizer) order, as given to the optimizer
-    before `prepare`. Mask options as for `GradientMasker`; max_grad_norm > 0 clips the masked gradient (global
-    norm) before the update. The DeepSpeed config must have gradient_clipping 0 (`configure_deepspeed_clipping`).
-    selector: a method's own keep rule (`MaskSelector`, given this rank's layout and the cross-rank sum) instead of
-    hard / soft selection. freeze_masked: hand the keep mask to MaskedAdamW so dropped coordinates keep value and
-    moments (UEGR); False: only the gradient is masked (and rescaled), the optimizer steps every coordinate.
+    before `prepare`. options: what to keep (`MaskOptions`), as for `GradientMasker`; a `selector` is given this
+    rank's layout and the cross-rank sum. max_grad_norm > 0 clips the masked gradient (global norm) before the
+    update. The DeepSpeed config must have gradient_clipping 0 (`configure_deepspeed_clipping`). freeze_masked:
+    hand the keep mask to MaskedAdamW so dropped coordinates keep value and moments (UEGR); False: only the gradient
+    is masked (and rescaled), the optimizer steps every coordinate.
     """
 
     def __init__(
         self,
         engine: Any,
         named_params: Sequence[tuple[str, torch.nn.Parameter]],
+        options: MaskOptions,
         *,
-        ratio: float = 0.3,
-        scope: str = "global",
-        kind: str = "hard",
-        saliency: str = "taylor",
-        ema_beta: float = 0.9,
-        soft_temperature: float = 10.0,
-        exclude: Sequence[str] = (),
-        seed: int = 0,
         max_grad_norm: float = 0.0,
-        selector: MaskSelector | None = None,
         freeze_masked: bool = True,
     ) -> None:
-        check_mask_options(ratio, kind, soft_temperature)
-        self.selector, self.freeze_masked = selector, freeze_masked
+        self.options, self.freeze_masked = options, freeze_masked
         if engine.gradient_clipping() != 0:
             raise ValueError(
                 f"DeepSpeed gradient_clipping = {engine.gradient_clipping()} while masking gradients: DeepSpeed "
                 "would clip the unmasked gradient. Set it to 0 (configure_deepspeed_clipping does) and pass "
                 "max_grad_norm to the masker"
             )
-        self.ratio, self.kind, self.soft_temperature, self.seed = ratio, kind, soft_temperature, seed
         self.max_grad_norm = max_grad_norm
-        self.scorer = SaliencyScorer(saliency, ema_beta=ema_beta)
+        self.scorer = SaliencyScorer(options.saliency, ema_beta=options.ema_beta)
         self.zopt = engine.optimizer
         self.inner = self.zopt.optimizer
         if not hasattr(self.inner, "set_update_masks"):
@@ -214,9 +202,9 @@ class ZeroGradientMasker:
         self.step = 0
         self.last_stats: MaskStats | None = None
 
-        covered = covered_parameters(named_params, exclude)
+        covered = covered_parameters(named_params, options.exclude)
         self.names = [name for name, _ in covered]
-        segments = segment_names(self.names, scope)
+        segments = segment_names(self.names, options.scope)
         segment_order = {segment: i for i, segment in enumerate(dict.fromkeys(segments))}
         sizes = [0] * len(segment_order)
         where: dict[int, tuple[int, int]] = {}  # id(param) -> (segment, canonical start)
@@ -226,7 +214,7 @@ class ZeroGradientMasker:
             sizes[segment_order[segment]] += _full_numel(param)
             start += _full_numel(param)
         self.total = start
-        self.k = torch.tensor([keep_count(ratio, size) for size in sizes], dtype=torch.int64)
+        self.k = torch.tensor([keep_count(options.ratio, size) for size in sizes], dtype=torch.int64)
 
         self.partitions = zero_partitions(self.zopt)
         # Keep mask per partition: False on padding, True on uncovered (excluded) fragments, set per step elsewhere.
@@ -326,32 +314,9 @@ class ZeroGradientMasker:
         """Score this rank's gradient partition, select globally, zero dropped coordinates and set the clip factor."""
         grads = [partition.grad_views() for partition in self.partitions]
         scores = self.scorer.score_(self.scores, self._score_views, self._master_views, self._gradient_slices(grads))
-        multiplier = None
-        if self.selector is not None:
-            keep, multiplier = self.selector(scores, self.layout, self.step, self._all_reduce_sum)
-            mean_threshold = math.nan
-        elif self.kind == "hard":
-            keep, thresholds = select_top_k(
-                scores,
-                self.segment_offsets,
-                self.k,
-                position_runs=self.position_runs,
-                all_reduce_sum=self._all_reduce_sum,
-            )
-            mean_threshold = float(thresholds.threshold.nanmean())
-        else:
-            keep = soft_keep_mask(
-                scores,
-                self.segment_offsets,
-                self.position_runs,
-                self.run_sizes,
-                self.ratio,
-                self.soft_temperature,
-                self.seed,
-                self.step,
-                all_reduce_sum=self._all_reduce_sum,
-            )
-            mean_threshold = math.nan
+        keep, multiplier, mean_threshold = select_coordinates(
+            self.options, scores, self.layout, self.k, self.step, all_reduce_sum=self._all_reduce_sum
+        )
         if self._keep_views:
             torch._foreach_copy_(self._keep_views, list(keep.split(self.run_sizes)))
         factors: list[torch.Tensor] = self.keep_masks

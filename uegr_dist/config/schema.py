@@ -146,7 +146,8 @@ class AdversaryConfig:
 
 @dataclass
 class MaskConfig:
-    """Saliency scores and the top-rho gradient mask (DESIGN §1.4-5)."""
+    """Saliency scores and the top-rho gradient mask (DESIGN §1.4-5). Every field but `enabled` is a `MaskOptions`
+    field of the same name (`MaskOptions.from_config`)."""
 
     enabled: bool = True
     ratio: float = bounded(0.3, 0.0, 1.0, lo_open=True)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from uegr_dist.backward import GradientMasker, ZeroGradientMasker, is_deepspeed_engine
+from uegr_dist.backward import GradientMasker, MaskOptions, ZeroGradientMasker, is_deepspeed_engine
 from uegr_dist.backward.fisher import fisher_information
 from uegr_dist.backward.masking import MaskLayout
 from uegr_dist.backward.radix_select import AllReduceSum
@@ -50,18 +50,13 @@ class CoordinateMaskMethod(Vanilla):
         super().setup(ctx)
         self.covered_params = self.covered(ctx)
         self.prepare(ctx)
+        options = MaskOptions(saliency="grad_sq", seed=ctx.seed, selector=self.select)
         if is_deepspeed_engine(ctx.model):
             self.masker = ZeroGradientMasker(
-                ctx.model,
-                self.covered_params,
-                saliency="grad_sq",
-                seed=ctx.seed,
-                max_grad_norm=ctx.max_grad_norm,
-                selector=self.select,
-                freeze_masked=False,
+                ctx.model, self.covered_params, options, max_grad_norm=ctx.max_grad_norm, freeze_masked=False
             )
         else:
-            self.masker = GradientMasker(self.covered_params, saliency="grad_sq", seed=ctx.seed, selector=self.select)
+            self.masker = GradientMasker(self.covered_params, options)
 
     def prepare(self, ctx: MethodContext) -> None:
         """Work before the first step (nothing by default)."""

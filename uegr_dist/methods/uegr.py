@@ -4,13 +4,12 @@ paper's abstract leaves open is a config option (`MethodConfig`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
-from uegr_dist.backward import GradientMasker, MaskedAdamW, ZeroGradientMasker, is_deepspeed_engine
+from uegr_dist.backward import GradientMasker, MaskedAdamW, MaskOptions, ZeroGradientMasker, is_deepspeed_engine
 from uegr_dist.config import MethodConfig
 from uegr_dist.forward import (
     DropoutRateSchedule,
@@ -64,16 +63,14 @@ class UEGR(Method):
             drop.k, drop.p_min, drop.p_max, mode=drop.schedule, target_js=drop.target_js, gain=drop.gain, seed=ctx.seed
         )
         if mask.enabled:
-            # MaskConfig's fields are the maskers' keyword options (plus the on/off switch).
-            options = {k: v for k, v in dataclasses.asdict(mask).items() if k != "enabled"}
-            options["seed"] = ctx.seed
+            options = MaskOptions.from_config(mask, seed=ctx.seed)
             if is_deepspeed_engine(ctx.model):
                 # The ZeRO step runs inside accelerator.backward: the masker hooks into it and clips there.
                 self.masker = ZeroGradientMasker(
-                    ctx.model, ctx.named_parameters, max_grad_norm=ctx.max_grad_norm, **options
+                    ctx.model, ctx.named_parameters, options, max_grad_norm=ctx.max_grad_norm
                 )
             else:
-                self.masker = GradientMasker(ctx.named_parameters, **options)
+                self.masker = GradientMasker(ctx.named_parameters, options)
 
     def _adversarial_delta(
         self, batch: dict[str, torch.Tensor], embeds: torch.Tensor, key: int, keyed: bool
