@@ -41,6 +41,7 @@ Peak memory: on CUDA `torch.cuda.max_memory_allocated` over the run; on CPU the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import ctypes
 import functools
@@ -51,7 +52,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +329,30 @@ def step_flops(variant: str, shape: dict[str, int], k: int, adversary_steps: int
     return None
 
 
+PROFILES: list[str] = []
+"""`--profile`: one operator table per variant and grid point, written to profile_<tag>.txt."""
+
+
+@contextlib.contextmanager
+def _profiler(enabled: bool, device: str) -> Iterator[Any]:
+    """torch.profiler around one run (CPU and, on CUDA, kernel times), or nothing."""
+    if not enabled:
+        yield None
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        yield profiler
+
+
+def _profile_table(profiler: Any, title: str, steps: int, args: argparse.Namespace) -> str:
+    """The run's operators by self device time (CPU time on CPU), top `--profile-rows`; totals cover all `steps`."""
+    sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort, row_limit=args.profile_rows, max_name_column_width=60)
+    return f"## {title} ({steps} optimizer steps, set-up included)\n\n{table}\n"
+
+
 def measure(
     args: argparse.Namespace, preset: str, k: int, seq: int, batch: int, root: Path, progress: tqdm
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -342,7 +367,8 @@ def measure(
     records: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     memory: dict[str, list[int]] = {v: [] for v in variants}
     shape: dict[str, int] = {}
-    for round_index in range(args.rounds):
+    # With --profile, one more round under torch.profiler, left out of the measurements.
+    for round_index in range(args.rounds + int(args.profile)):
         for variant in variants:
             name = "uegr" if variant == NAIVE else ("vanilla" if variant == PLAIN else variant)
             cfg_dict = run_config(
@@ -357,15 +383,19 @@ def measure(
             cfg = load_config(None, cfg_dict)
             timer = StageTimer(args.device)
             _release_freed_memory()
-            with PeakMemory(args.device) as peak:
+            profile = round_index == args.rounds
+            with PeakMemory(args.device) as peak, _profiler(profile, args.device) as profiler:
                 if variant == PLAIN:
                     shape = plain_accelerate_run(cfg, timer, args.device)
                 elif variant == NAIVE:
                     naive_uegr_run(cfg, timer, args.device)
                 else:
                     instrumented_train(cfg, timer, args.device)
-            records[variant].extend(timer.step_records(args.warmup))
-            memory[variant].append(peak.added_bytes)
+            if profiler is not None:
+                PROFILES.append(_profile_table(profiler, f"{preset} K={k} S={seq} B={batch} {variant}", steps, args))
+            else:
+                records[variant].extend(timer.step_records(args.warmup))
+                memory[variant].append(peak.added_bytes)
             progress.update(1)
     rows = []
     for variant in variants:
@@ -441,6 +471,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="cpu", help="output names: throughput_<tag>.{json,csv,md,png}")
     parser.add_argument("--update-readme", action="store_true", help="put the table into benchmarks/README.md")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="one extra round under torch.profiler (not measured): operator tables to profile_<tag>.txt",
+    )
+    parser.add_argument("--profile-rows", type=int, default=30, help="operators per table with --profile")
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -472,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     all_ratios = []
     with (
         tempfile.TemporaryDirectory(prefix="uegr_throughput_") as tmp,
-        tqdm(total=len(grid) * args.rounds * variants, desc="runs") as progress,
+        tqdm(total=len(grid) * (args.rounds + int(args.profile)) * variants, desc="runs") as progress,
     ):
         for preset, k, seq, batch in grid:
             progress.set_postfix(config=preset, k=k, seq=seq, batch=batch)
@@ -495,8 +531,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.plot(result, stem.with_suffix(".png"))
     if args.update_readme:
         report.update_readme(README, markdown, section=f"throughput-{args.tag}")
+    if PROFILES:
+        args.out_dir.joinpath(f"profile_{args.tag}.txt").write_text("\n".join(PROFILES), encoding="utf-8")
     print(markdown)
-    print(f"wrote {stem}.json / .csv / .md / .png")
+    print(f"wrote {stem}.json / .csv / .md / .png" + (f", profile_{args.tag}.txt" if PROFILES else ""))
     return 0
 
 
