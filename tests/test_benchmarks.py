@@ -106,6 +106,7 @@ def test_flops_formula():
 def test_throughput_cli_writes_every_output(tmp_path):
     """`python -m benchmarks.throughput` (its main(), in this process to spare the imports) on the tiny config."""
     argv = ["--configs", "tiny", "--batch", "4", "--seq", "16", "--rounds", "1", "--steps", "2"]
+    argv += ["--profile", "--profile-rows", "5"]  # one more, profiled round: not among the measured steps
     assert throughput.main([*argv, "--out-dir", str(tmp_path), "--tag", "smoke"]) == 0
     result = json.loads((tmp_path / "throughput_smoke.json").read_text(encoding="utf-8"))
     assert result["machine"]["torch"] == torch.__version__
@@ -134,6 +135,10 @@ def test_throughput_cli_writes_every_output(tmp_path):
     markdown = (tmp_path / "throughput_smoke.md").read_text(encoding="utf-8")
     assert result["command"] in markdown and "| uegr |" in markdown and "| naive-uegr |" in markdown
     assert (tmp_path / "throughput_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    profile = (tmp_path / "profile_smoke.txt").read_text(encoding="utf-8")
+    titles = [line for line in profile.splitlines() if line.startswith("## ")]
+    assert [title.split()[5] for title in titles] == ["plain-accelerate", "vanilla", "uegr", "naive-uegr"]
+    assert profile.count("aten::") >= 4 * 3  # operator rows in every table
 
 
 def test_throughput_cli_rejects_unknown_method(tmp_path, capsys):
