@@ -36,6 +36,31 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
+def _shr_into(z: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """out <- logical right shift of int64 z by `bits` (no allocation)."""
+    torch.bitwise_right_shift(z, bits, out=out)
+    return out.bitwise_and_((1 << (64 - bits)) - 1)
+
+
+def splitmix64_(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """`splitmix64` in place on z, with `scratch` (int64, z's shape) as the only work memory: the same bits
+    without the eight full-size temporaries of the expression form."""
+    z.add_(_GOLDEN)
+    z.bitwise_xor_(_shr_into(z, 30, scratch)).mul_(_MIX1)
+    z.bitwise_xor_(_shr_into(z, 27, scratch)).mul_(_MIX2)
+    return z.bitwise_xor_(_shr_into(z, 31, scratch))
+
+
+def _top24_to_unit(bits: torch.Tensor, scratch: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (float32) <- the top 24 bits of `bits` as exactly representable numbers in [0, 1)."""
+    out.copy_(_shr_into(bits, 40, scratch))
+    return out.mul_(1.0 / (1 << 24))
+
+
+KEYED_CHUNK = 1 << 20
+"""Elements per block of the keyed generators: two int64 blocks of work memory, whatever the request's size."""
+
+
 def _splitmix64_int(x: int) -> int:
     """SplitMix64 on a Python int (host side, no tensor: keeps keyed code free of graph breaks under torch.compile)."""
     z = (x + 0x9E3779B97F4A7C15) & _MASK64
@@ -67,11 +92,17 @@ def keyed_uniform(
     numel = 1
     for size in row_shape:
         numel *= int(size)
-    base = splitmix64(splitmix64(rows ^ _signed(key)))
-    counters = torch.arange(numel, dtype=torch.int64, device=rows.device).reshape(1, -1)
-    bits = splitmix64(base + counters)
-    # Top 24 bits -> exactly representable float32 in [0, 1).
-    uniform = _shr(bits, 40).to(torch.float32) * (1.0 / (1 << 24))
+    base = splitmix64(splitmix64(rows ^ _signed(key)))  # [R, 1]
+    uniform = torch.empty(rows.shape[0], numel, dtype=torch.float32, device=rows.device)
+    step = max(1, min(numel, KEYED_CHUNK // max(1, rows.shape[0])))  # counters per block, all rows at once
+    bits = torch.empty(rows.shape[0], step, dtype=torch.int64, device=rows.device)
+    scratch = torch.empty_like(bits)
+    for lo in range(0, numel, step):
+        n = min(step, numel - lo)
+        block, work = bits[:, :n], scratch[:, :n]
+        torch.arange(lo, lo + n, dtype=torch.int64, device=rows.device, out=work[0])
+        torch.add(base, work[0], out=block)  # base + counter
+        _top24_to_unit(splitmix64_(block, work), work, uniform[:, lo : lo + n])
     return uniform.to(dtype).reshape(rows.shape[0], *row_shape)
 
 
@@ -81,6 +112,13 @@ def keyed_uniform_flat(key: int, start: int, numel: int, device: torch.device | 
     A shard holding positions [start, start + numel) of a flat buffer draws exactly the numbers a single process
     would draw for those positions.
     """
-    positions = torch.arange(start, start + numel, dtype=torch.int64, device=device)
-    bits = splitmix64(positions ^ _signed(mix_key(key)))
-    return _shr(bits, 40).to(torch.float32) * (1.0 / (1 << 24))
+    uniform = torch.empty(numel, dtype=torch.float32, device=device)
+    stream = _signed(mix_key(key))
+    bits = torch.empty(min(numel, KEYED_CHUNK), dtype=torch.int64, device=device)
+    scratch = torch.empty_like(bits)
+    for lo in range(0, numel, KEYED_CHUNK):
+        n = min(KEYED_CHUNK, numel - lo)
+        block, work = bits[:n], scratch[:n]
+        torch.arange(start + lo, start + lo + n, dtype=torch.int64, device=device, out=block)
+        _top24_to_unit(splitmix64_(block.bitwise_xor_(stream), work), work, uniform[lo : lo + n])
+    return uniform
