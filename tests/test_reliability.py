@@ -2,9 +2,10 @@
 
 A run killed with SIGKILL and resumed with `--resume auto` must end with exactly the parameters, logs and
 evaluations of the uninterrupted run (bitwise in one process, including UEGR's random draws in both rng modes;
-within 1e-6 for 2-process ZeRO-2); SIGTERM checkpoints and exits 75; a NaN step is skipped on every process and N
-in a row stop the run (exit 3) with the checkpoints intact; a corrupted checkpoint is skipped (auto) or refused
-(explicit path) without being overwritten; a checkpoint of another configuration is refused.
+within 1e-6 for 2-process ZeRO-2); SIGTERM checkpoints and exits 75; a NaN step is skipped on every process (also
+inside a DeepSpeed ZeRO step: weights and every rank's optimizer shard unchanged) and N in a row stop the run
+(exit 3) with the checkpoints intact; a corrupted checkpoint is skipped (auto) or refused (explicit path) without
+being overwritten; a checkpoint of another configuration is refused.
 """
 
 from __future__ import annotations

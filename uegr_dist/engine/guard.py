@@ -6,7 +6,8 @@ checkpoints at the same step boundary. Under DeepSpeed ZeRO the optimizer step r
 so the non-finite check runs there too, as a hook on the ZeRO optimizer's `step` (`ZeroStepGuard`).
 
 Testing aids (read only here, not part of the config): `UEGR_DEBUG_NAN_STEPS=2,5` fills a gradient of process 0
-with NaN (and its loss) at those optimizer steps (0-based); `UEGR_DEBUG_SIGNAL_AT=STEP:SIGNAL` (e.g. `4:TERM`,
+with NaN (and its loss) at those optimizer steps (0-based; under DeepSpeed ZeRO, its partition of the averaged
+gradient, inside the ZeRO step); `UEGR_DEBUG_SIGNAL_AT=STEP:SIGNAL` (e.g. `4:TERM`,
 `6:KILL`) makes process 0 send itself that signal at the boundary after optimizer step STEP.
 """
 
@@ -114,8 +115,9 @@ class NonFiniteGuard:
     guard after the method's own hooks, i.e. after `method.setup`). A skipped step leaves the parameters, the fp32
     master weights, the Adam moments and step counts unchanged on every process; this call then only reports the
     decision. fp16: only the loss is checked (DeepSpeed's loss scaler skips overflowing steps itself). Any other
-    DeepSpeed optimizer (ZeRO-0, bf16 ZeRO-1 with fp32 gradient accumulation): the guard sees the loss only, after
-    the step, so it counts non-finite losses and stops after N in a row but cannot undo a step (a warning says so).
+    DeepSpeed optimizer (ZeRO-0, bf16 ZeRO-1 with fp32 gradient accumulation, NVMe optimizer offload): the guard
+    sees the loss only, after the step, so it counts non-finite losses and stops after N in a row but cannot undo
+    a step (a warning says so).
 
     first_step: the index (0-based) of the next optimizer step, `LoopState.step` (after a resume, not 0).
     """
@@ -137,7 +139,8 @@ class NonFiniteGuard:
                 logger.warning(
                     "DeepSpeed optimizer %s: a step with a non-finite gradient cannot be skipped (the engine "
                     "steps inside backward); non-finite losses are counted and the run stops after "
-                    "train.max_nonfinite_steps = %d in a row. Use ZeRO-1/2/3 for exact skips",
+                    "train.max_nonfinite_steps = %d in a row. ZeRO-1/2/3 without NVMe optimizer offload skip "
+                    "such steps exactly",
                     type(model.optimizer).__name__,
                     max_in_a_row,
                 )
