@@ -2,26 +2,35 @@
 (skip the step on every process; stop after `train.max_nonfinite_steps` in a row).
 
 Both decisions are agreed by all processes with one tiny all-reduce, so every rank skips the same steps and
-checkpoints at the same step boundary.
+checkpoints at the same step boundary. Under DeepSpeed ZeRO the optimizer step runs inside `accelerator.backward`,
+so the non-finite check runs there too, as a hook on the ZeRO optimizer's `step` (`ZeroStepGuard`).
 
 Testing aids (read only here, not part of the config): `UEGR_DEBUG_NAN_STEPS=2,5` fills a gradient of process 0
-with NaN (and its loss) at those optimizer steps (0-based); `UEGR_DEBUG_SIGNAL_AT=STEP:SIGNAL` (e.g. `4:TERM`,
+with NaN (and its loss) at those optimizer steps (0-based; under DeepSpeed ZeRO, its partition of the averaged
+gradient, inside the ZeRO step); `UEGR_DEBUG_SIGNAL_AT=STEP:SIGNAL` (e.g. `4:TERM`,
 `6:KILL`) makes process 0 send itself that signal at the boundary after optimizer step STEP.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 import signal
 from collections.abc import Iterable
 from types import FrameType
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from uegr_dist.backward.zero_masking import is_deepspeed_engine, zero_partitions
 from uegr_dist.engine.checkpoint import LoopState
+
+logger = logging.getLogger(__name__)
 
 # Exit codes of uegr-train besides 0 (done) and 2 (bad input).
 EXIT_NONFINITE = 3
@@ -99,21 +108,48 @@ class NonFiniteGuard:
 
     One process, DDP: the step is skipped on every process (no optimizer or scheduler step, gradients zeroed) when
     the loss or any reduced gradient is non-finite on any process. fp16 with a GradScaler: only the loss is checked;
-    infinite gradients are the scaler's business (it skips the step and lowers the scale). DeepSpeed: the engine
-    has already stepped inside `accelerator.backward` (fp16: its own loss scaler skips overflowing steps); the guard
-    sees the loss only, counts non-finite losses and stops the run after N in a row, but cannot undo a bf16/fp32 step.
+    infinite gradients are the scaler's business (it skips the step and lowers the scale).
+
+    DeepSpeed ZeRO-1/2/3: the engine steps inside `accelerator.backward`, so the same decision is taken there, by a
+    `ZeroStepGuard` on the ZeRO optimizer's `step` (installed here when `model` is a DeepSpeed engine: create the
+    guard after the method's own hooks, i.e. after `method.setup`). A skipped step leaves the parameters, the fp32
+    master weights, the Adam moments and step counts unchanged on every process; this call then only reports the
+    decision. fp16: only the loss is checked (DeepSpeed's loss scaler skips overflowing steps itself). Any other
+    DeepSpeed optimizer (ZeRO-0, bf16 ZeRO-1 with fp32 gradient accumulation, NVMe optimizer offload): the guard
+    sees the loss only, after the step, so it counts non-finite losses and stops after N in a row but cannot undo
+    a step (a warning says so).
+
+    first_step: the index (0-based) of the next optimizer step, `LoopState.step` (after a resume, not 0).
     """
 
-    def __init__(self, accelerator: Accelerator, max_in_a_row: int) -> None:
+    def __init__(self, accelerator: Accelerator, max_in_a_row: int, model: Any = None, first_step: int = 0) -> None:
         self.accelerator = accelerator
         self.max_in_a_row = max_in_a_row
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.check_gradients = not self.deepspeed and accelerator.scaler is None
         raw = os.environ.get("UEGR_DEBUG_NAN_STEPS", "")
         self._inject = {int(s) for s in raw.split(",") if s.strip()}
+        self.zero: ZeroStepGuard | None = None
+        if self.deepspeed and is_deepspeed_engine(model):
+            try:
+                self.zero = ZeroStepGuard(
+                    model, accelerator.device, first_step, inject=self._inject if accelerator.is_main_process else ()
+                )
+            except NotImplementedError:
+                logger.warning(
+                    "DeepSpeed optimizer %s: a step with a non-finite gradient cannot be skipped (the engine "
+                    "steps inside backward); non-finite losses are counted and the run stops after "
+                    "train.max_nonfinite_steps = %d in a row. ZeRO-1/2/3 without NVMe optimizer offload skip "
+                    "such steps exactly",
+                    type(model.optimizer).__name__,
+                    max_in_a_row,
+                )
 
     def step_is_finite(self, loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter], step: int) -> bool:
-        """All processes agree whether optimizer step `step` (0-based) is finite; when not, gradients are zeroed."""
+        """All processes agree whether optimizer step `step` (0-based) is finite; when not, gradients are zeroed.
+        Under a `ZeroStepGuard`, the decision it took inside the ZeRO step (no further collective)."""
+        if self.zero is not None:
+            return self.zero.decision(step)
         params = [p for p in parameters if p.grad is not None]
         if step in self._inject and self.accelerator.is_main_process:
             loss = loss.detach() * math.nan
@@ -143,3 +179,124 @@ class NonFiniteGuard:
                 "written are intact: lower train.lr, enable clipping (train.max_grad_norm) or use bf16, then "
                 "--resume auto"
             )
+
+
+class ZeroStepGuard:
+    """The non-finite check inside a DeepSpeed ZeRO-1/2/3 optimizer step, and the skip of a non-finite step.
+
+    Three hooks, installed on the engine and its optimizers:
+
+    - `engine.backward` keeps the last loss it was given (the synchronizing micro-batch's, as without DeepSpeed);
+    - the ZeRO optimizer's `step` (the outermost wrapper: install this after the method's hooks, e.g. the UEGR
+      masker's) runs first at each accumulation boundary, when this rank's partition of the averaged gradient is in
+      place. It checks that loss and the norm of every gradient partition of this rank (fp16: the loss only) and
+      agrees with the other ranks in one all-reduce of one number. A finite step goes on through the hooks below it
+      to DeepSpeed. A non-finite one calls DeepSpeed's own ZeRO `step` directly (the method's hooks do not run, as
+      `transform_gradients` does not without DeepSpeed) with its overflow flag forced, exactly as for an fp16
+      loss-scale overflow but leaving the loss scaler as DeepSpeed would: DeepSpeed drops the gradients and returns
+      before the inner optimizer, so no parameter, master weight, moment or step count changes; the engine counts the
+      step in `skipped_steps` and accelerate then skips the LR scheduler step;
+    - the inner optimizer's `step` is a no-op during a skipped step, a second guard should a DeepSpeed version step
+      it anyway.
+
+    first_step: index of the next optimizer step. inject: step indices at which to fill this rank's first gradient
+    partition with NaN (the `UEGR_DEBUG_NAN_STEPS` testing aid; given to process 0 only).
+    """
+
+    def __init__(self, engine: Any, device: torch.device, first_step: int = 0, inject: Iterable[int] = ()) -> None:
+        self.zopt = engine.optimizer
+        self.inner = self.zopt.optimizer
+        self.partitions = zero_partitions(self.zopt)  # NotImplementedError for other DeepSpeed optimizers
+        self.group = self.zopt.dp_process_group
+        self.device = device
+        self.check_gradients = not engine.fp16_enabled()
+        self.inject = set(inject)
+        self.step = first_step
+        self.last: tuple[int, bool] | None = None
+        """(step index, finite) of the last ZeRO step."""
+        self._loss: torch.Tensor | None = None
+        self._skipping = False
+        self._install(engine)
+
+    def _install(self, engine: Any) -> None:
+        backward, zero_step, inner_step = engine.backward, self.zopt.step, self.inner.step
+
+        @functools.wraps(backward)
+        def backward_keeping_loss(loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self._loss = loss.detach()
+            return backward(loss, *args, **kwargs)
+
+        @functools.wraps(zero_step)
+        def guarded_zero_step(*args: Any, **kwargs: Any) -> Any:
+            finite = self._agree_finite()
+            self.last = (self.step, finite)
+            self.step += 1
+            # DeepSpeed resets the flag at each step, but older versions only do for fp16: a skip must not stick.
+            self.zopt.overflow = False
+            if finite:
+                return zero_step(*args, **kwargs)
+            self._skip()
+            return None
+
+        @functools.wraps(inner_step)
+        def guarded_inner_step(*args: Any, **kwargs: Any) -> Any:
+            return None if self._skipping else inner_step(*args, **kwargs)
+
+        engine.backward = backward_keeping_loss
+        self.zopt.step = guarded_zero_step
+        self.inner.step = guarded_inner_step
+
+    @torch.no_grad()
+    def _agree_finite(self) -> bool:
+        """Is the step finite on every rank: this rank's last loss and gradient partitions, one all-reduce."""
+        flags = []
+        if self._loss is not None:
+            flags.append(~torch.isfinite(self._loss).all())
+            self._loss = None
+        views = [view for partition in self.partitions for view in partition.grad_views() if view is not None]
+        views = [view for view in views if view.numel() > 0]
+        if self.step in self.inject:
+            flags.append(torch.ones((), dtype=torch.bool))  # as if the loss were NaN too
+            if views:
+                views[0].fill_(math.nan)
+        if self.check_gradients and views:
+            norms = torch.stack(torch._foreach_norm(views, 2, dtype=torch.float32))
+            flags.append(~torch.isfinite(norms).all())
+        bad = torch.zeros(1, dtype=torch.float32, device=self.device)
+        for flag in flags:
+            bad += flag.to(device=self.device, dtype=torch.float32)
+        if dist.get_world_size(group=self.group) > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.SUM, group=self.group)
+        return bool(bad.item() == 0)
+
+    def _skip(self) -> None:
+        """DeepSpeed's ZeRO step, without the method's hooks, taking its overflow path (see the class docstring)."""
+        zopt = self.zopt
+        had_own = "_update_scale" in vars(zopt)
+        update_scale = zopt._update_scale
+
+        def update_scale_and_skip(*args: Any, **kwargs: Any) -> Any:
+            result = update_scale(*args, **kwargs)
+            zopt.overflow = True  # read right after by DeepSpeed: clear the gradients and return
+            return result
+
+        zopt._update_scale = update_scale_and_skip
+        self._skipping = True
+        try:
+            type(zopt).step(zopt)
+        finally:
+            self._skipping = False
+            if had_own:
+                zopt._update_scale = update_scale
+            else:
+                del zopt._update_scale
+        zopt.overflow = True  # the engine reads it after the step: counts a skipped step, no LR scheduler step
+
+    def decision(self, step: int) -> bool:
+        """Whether optimizer step `step` was finite (it ran inside `accelerator.backward`, before this call)."""
+        if self.last is None or self.last[0] != step:
+            raise RuntimeError(
+                f"the non-finite guard expected DeepSpeed's ZeRO step for optimizer step {step}, but the last one it "
+                f"saw was {None if self.last is None else self.last[0]}: the engine did not step at this boundary"
+            )
+        return self.last[1]
