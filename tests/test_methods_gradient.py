@@ -398,6 +398,31 @@ def test_bad_method_options_fail_with_the_key(overrides, message):
     assert message in str(error.value)
 
 
+def test_mat_skips_a_step_with_a_non_finite_gradient():
+    """A NaN in one descent gradient (here from a hook on one tensor, in the second of 3 SGLD steps): theta is put
+    back to theta_0 and the loss returned is NaN, so the loop's guard counts a skipped step."""
+    model = tiny_model()
+    options = {"name": "mat", "mat": {"k_theta": 3, "eta_theta": 0.05}}
+    method = build_method(load_config(None, {"method": options}).method)
+    named = list(model.named_parameters())
+    method.setup(MethodContext(model, model, MaskedAdamW(model.parameters()), named, seed=SEED))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = []
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return grad * math.nan if len(calls) == 2 else grad
+
+    model.classifier.weight.register_hook(poison)
+    result = method.forward_backward(OneProcess(), model, BATCH, 0, 0)
+    assert len(calls) == 2 and math.isnan(result.loss.item())
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), before[name]), name
+    # The next batch trains normally.
+    assert math.isfinite(method.forward_backward(OneProcess(), model, BATCH, 1, 1).loss.item())
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
 def test_mat_keyed_perturbation_depends_only_on_the_row_and_the_global_batch():
     """With method.rng: keyed, a row's delta_bar is the same whether it is drawn in one process with the whole batch
     or on one of 2 processes with half of it: the draws are keyed by sample id, and the delta gradient is that of the

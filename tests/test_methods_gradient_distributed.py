@@ -1,9 +1,10 @@
-"""ChildTuning-D, ChildTuning-F, RoAST and SAM (with ASAM and mSAM) on 2 CPU processes (DDP, DeepSpeed ZeRO-1/2;
-ChildTuning-F also ZeRO-3 with UEGR_ALL_ZERO_STAGES=1) equal the 1-process run with the same global batch: every
-method here is deterministic given the data (dropout off, keyed masks, Fisher pre-pass split across ranks and
-summed). One `accelerate launch` trains all runs of a stage, fp32 and bf16 (`train.mixed_precision: bf16`, DDP and
-ZeRO-2: finite, and close to the 1-process bf16 run within BF16_TOLERANCE, not equal). (The ZeRO-3 start-up
-refusals are unit tests in test_methods_gradient.py.)"""
+"""ChildTuning-D, ChildTuning-F, RoAST, SAM (with ASAM and mSAM) and MAT on 2 CPU processes (DDP, DeepSpeed
+ZeRO-1/2; ChildTuning-F also ZeRO-3 with UEGR_ALL_ZERO_STAGES=1) equal the 1-process run with the same global batch:
+every method here is deterministic given the data (dropout off, keyed masks and keyed MAT draws, Fisher pre-pass
+split across ranks and summed). One `accelerate launch` trains all runs of a stage, fp32 and bf16
+(`train.mixed_precision: bf16`, DDP and ZeRO-2: finite, and close to the 1-process bf16 run within BF16_TOLERANCE,
+not equal). MAT under ZeRO-2 is also cut and resumed. (The ZeRO-3 start-up refusals are unit tests in
+test_methods_gradient.py.)"""
 
 from __future__ import annotations
 
@@ -75,27 +76,34 @@ def method_config(run: str, m_shards: int = 1) -> dict:
     if run == "asam":
         method["sam"] = {"rho": 0.5, "adaptive": True}  # ASAM's larger radius (its perturbation is scaled by |w|)
     if run == "mat":
-        method["mat"] = {"eta_theta": 0.05}
+        # Keyed delta draws: 2 processes reproduce 1 (with Langevin noise on delta and theta, so the keyed and the
+        # seeded streams are both exercised).
+        method["rng"] = "keyed"
+        method["mat"] = {
+            "eta_theta": 0.05,
+            "sigma_theta": 1e-3,
+            "eta_delta": 0.5,
+            "sigma_delta": 1e-3,
+            "init_std": 1e-2,
+        }
     if m_shards > 1:
         method["sam"] = {"rho": 0.05, "m_shards": m_shards}
     return method
 
 
 # bf16 runs: every gradient method under DDP and ZeRO-2 (DeepSpeed bf16: bf16 model, fp32 master partition).
-BF16_RUNS = [run + BF16 for run in METHODS]
+BF16_RUNS = [run + BF16 for run in [*METHODS, "mat"]]
 STAGES = {
     "ddp": ("cpu-2proc-ddp.yaml", [*METHODS, "asam", "msam", "mat", *BF16_RUNS]),
-    "zero1": ("cpu-2proc-zero1.yaml", [*METHODS, "asam", "msam"]),
-    "zero2": ("cpu-2proc-zero2.yaml", [*METHODS, "asam", "msam", *BF16_RUNS]),
+    "zero1": ("cpu-2proc-zero1.yaml", [*METHODS, "asam", "msam", "mat"]),
+    "zero2": ("cpu-2proc-zero2.yaml", [*METHODS, "asam", "msam", "mat", *BF16_RUNS]),
     # ChildTuning-F is the one gradient method allowed under ZeRO-3 (the others refuse it at start-up).
     "zero3": ("cpu-2proc-zero3.yaml", ["childtuning_f"]),
 }
 # ZeRO-3 costs a whole launch (~45 s on a 2-core CPU) for one run: it runs with UEGR_ALL_ZERO_STAGES=1, outside the
 # default suite's time budget.
 STAGES_TO_RUN = ["ddp", "zero1", "zero2"] + (["zero3"] if os.environ.get("UEGR_ALL_ZERO_STAGES") == "1" else [])
-# mat: its perturbations are not keyed by sample, so it has no 1-process reference (no parity claim).
-NO_REFERENCE = {"mat"}
-REFERENCE_RUNS = list(dict.fromkeys(r for s in STAGES_TO_RUN for r in STAGES[s][1] if r not in NO_REFERENCE))
+REFERENCE_RUNS = list(dict.fromkeys(r for s in STAGES_TO_RUN for r in STAGES[s][1]))
 
 
 def shards(run: str, processes: int) -> int:
@@ -182,8 +190,6 @@ def test_two_processes_equal_one_process(stage, reference, tmp_path):
         assert all(bool(t.isfinite().all()) for t in params.values()), run
         moved = max(float((params[k] - v).abs().max()) for k, v in init.items())
         assert moved > 1e-3, run
-        if run in NO_REFERENCE:
-            continue
         want = reference["params"][run]
         assert params.keys() == want.keys(), run
         max_diff = max(float((params[k] - v).abs().max()) for k, v in want.items())
@@ -198,3 +204,23 @@ def test_two_processes_equal_one_process(stage, reference, tmp_path):
             print(f"{stage} {run}: max |param - reference| = {max_diff:.3g} (moved {moved:.3g})")
     bad = {r: d for r, d in diffs.items() if d >= (BF16_TOLERANCE if r.endswith(BF16) else FP32_TOLERANCE)}
     assert not bad, (stage, bad)
+
+
+@pytest.mark.distributed
+def test_mat_under_zero2_cut_and_resumed_equals_one_process(reference, tmp_path):
+    """MAT writes its SGLD result into the ZeRO master partitions (the engine never steps): a 2-process ZeRO-2 run
+    preempted after step 2 (checkpoint, exit) and resumed ends where the uninterrupted 1-process run does."""
+    config = write_config(reference["root"], tmp_path, "mat", PER_RANK_BATCH, method_config("mat"))
+    zero2 = REPO / "configs/accelerate/cpu-2proc-zero2.yaml"
+    cut = launch(zero2, [str(HELPER), str(config)], timeout=300, UEGR_DEBUG_SIGNAL_AT="2:TERM")
+    assert cut.returncode != 0 and not (tmp_path / "mat" / "metrics.json").exists(), cut.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "mat" / "checkpoints").iterdir()] == ["step-2"]
+    raw = yaml.safe_load(config.read_text())
+    raw["train"]["resume"] = "auto"
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    done = launch(zero2, [str(HELPER), str(config)], timeout=300)
+    assert (tmp_path / "mat" / "metrics.json").is_file(), done.stderr[-4000:]
+    params, want = reloaded_state(tmp_path / "mat"), reference["params"]["mat"]
+    max_diff = max(float((params[k] - v).abs().max()) for k, v in want.items())
+    print(f"zero2 mat, cut at step 2 and resumed: max |param - reference| = {max_diff:.3g}")
+    assert max_diff < FP32_TOLERANCE

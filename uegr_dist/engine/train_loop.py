@@ -189,7 +189,8 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
     checkpoints = Checkpointer(accelerator, cfg, method, generator, resume_from)
     state = checkpoints.resume()
     # After method.setup: under DeepSpeed the guard's hook must wrap the method's hooks on the ZeRO step.
-    guard = NonFiniteGuard(accelerator, cfg.train.max_nonfinite_steps, model, first_step=state.step)
+    guard_engine = model if method.steps_optimizer else None  # MAT's engine never steps: nothing to hook
+    guard = NonFiniteGuard(accelerator, cfg.train.max_nonfinite_steps, guard_engine, first_step=state.step)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -67,6 +67,9 @@ class Method:
     name = "base"
     masks_gradients = False
     """True when `transform_gradients` masks coordinates (under DeepSpeed the mask then clips, not the engine)."""
+    steps_optimizer = True
+    """False for a method that updates the parameters itself and never lets the optimizer (under DeepSpeed: the
+    engine) step (MAT): the loop's non-finite guard then checks the loss it returns, not a ZeRO step."""
 
     def setup(self, ctx: MethodContext) -> None:
         """Called once after `accelerator.prepare`."""

@@ -119,6 +119,7 @@ class MAT(Vanilla):
     """SGLD over embedding perturbations and parameters with EMAs and a final interpolation."""
 
     name = "mat"
+    steps_optimizer = False
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg.mat
@@ -173,6 +174,14 @@ class MAT(Vanilla):
             delta_bar.mul_(cfg.beta).add_(delta, alpha=1 - cfg.beta)
         return delta_bar
 
+    def _skip(self, start: list[torch.Tensor], loss: torch.Tensor, logits: torch.Tensor) -> StepOutput:
+        """A non-finite descent gradient: theta back to theta_0 (the master weights were not written yet), and a NaN
+        loss for the loop's guard, which counts the skipped step (and stops the run after too many in a row)."""
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in self.params], start)
+        nan = torch.full_like(loss, math.nan)
+        return StepOutput(nan, logits, {"task_loss": math.nan})
+
     def forward_backward(
         self, accelerator: Any, model: nn.Module, batch: dict[str, torch.Tensor], step: int, micro_step: int
     ) -> StepOutput:
@@ -203,6 +212,9 @@ class MAT(Vanilla):
                 flat = torch.cat([g.reshape(-1) for g in grads]) / self.ctx.num_processes
                 self.ctx.all_reduce_sum(flat)
                 grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            # A non-finite gradient on any process reaches every process through the all-reduce: all skip alike.
+            if not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+                return self._skip(start, first_loss, first_logits)
             with torch.no_grad():
                 torch._foreach_add_(theta, grads, alpha=-cfg.eta_theta)
                 if cfg.sigma_theta > 0:
