@@ -84,7 +84,8 @@ class Method:
     ) -> StepOutput:
         """One micro-batch: the objective under autocast, then `accelerator.backward`. Methods that need more than
         one backward per micro-batch (SAM, MAT) override this; under DeepSpeed the last `accelerator.backward` of a
-        synchronizing micro-batch runs the engine step, so an override must call it exactly once per micro-batch."""
+        synchronizing micro-batch runs the engine step, so an override must call it exactly once per micro-batch
+        (or never, with `steps_optimizer = False`, when it updates the parameters itself, as MAT does)."""
         with accelerator.autocast():
             result = self.loss(model, batch, step, micro_step)
         accelerator.backward(result.loss)
