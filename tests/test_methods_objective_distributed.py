@@ -64,10 +64,11 @@ STAGE_RUNS = {
 #   DDP: the same autocast as one process (bf16 matmuls, fp32 weights, gradients averaged in fp32); only the split
 #   of the batch reductions differs. Measured: at most 0.5x the gap (UEGR; 0.07-0.5x over the methods).
 #   ZeRO-1/2/3: DeepSpeed's bf16 is not autocast: the module itself runs in bf16 (weights, activations, gradients),
-#   fp32 master weights in the optimizer. Its gap to fp32 is 1.4-2.3x autocast's, so up to ~3x from the autocast
-#   run (triangle inequality). Measured ZeRO-2: 1.3-2.3x.
-# A run that trains on its own half of the batch (gradients not averaged) lands ~1.0 update norms away, 10x above.
-BF16_GAP_FACTOR = {"ddp": 1.0, "zero1": 3.0, "zero2": 3.0, "zero3": 3.0}
+#   fp32 master weights in the optimizer. Measured, its gap to fp32 is 1.35-2.3x autocast's, so by the triangle
+#   inequality it lies within ~1 + 2.3 = 3.3 gaps of the autocast run; bound 3.5. Measured 1.3-2.4x (ZeRO-1/2/3).
+# A 1-process bf16 run on half the batch (what a rank whose gradients were not averaged would do) lands 14-27 gaps
+# away (~1.0 update norms).
+BF16_GAP_FACTOR = {"ddp": 1.0, "zero1": 3.5, "zero2": 3.5, "zero3": 3.5}
 
 
 def base_config(root: Path, out: Path, model: Path | None, batch_size: int) -> dict:
