@@ -172,6 +172,7 @@ def test_methods_two_processes_equal_one_process(stage, reference, tmp_path):
         if name in BF16:
             got, want_bf16, fp32 = flat(params), flat(want), flat(reference["params"][BF16[name]])
             assert torch.isfinite(got).all() and (got != start).any(), name
+            assert all(math.isfinite(x) for x in reference["report"][name]["losses"]), name  # the 1-process run
             gap = float((want_bf16 - fp32).norm())
             bf16[name] = float((got - want_bf16).norm()) / gap
     print(f"{stage}: max |param - reference| " + ", ".join(f"{n} {d:.3g}" for n, d in diffs.items()))
