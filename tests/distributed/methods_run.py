@@ -3,6 +3,7 @@
 Run as `python tests/distributed/methods_run.py SPEC REPORT` where SPEC is a JSON file {"base": <config dict>,
 "runs": {name: <overrides dict>}}. Each run trains into base.train.output_dir/<name> (the saved model is what the
 distributed tests compare); rank 0 writes REPORT (JSON): per run, the logged training losses and final metrics.
+Runs may differ in anything, `train.mixed_precision` included.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from accelerate.state import PartialState
+from accelerate.state import AcceleratorState, PartialState
 
 from uegr_dist.config import load_config
 from uegr_dist.config.loading import merge
@@ -30,6 +31,9 @@ def main() -> None:
     PartialState.destroy_process_group = lambda self, group=None: None  # type: ignore[method-assign]
     report = {}
     for name, overrides in spec["runs"].items():
+        # accelerate's other process-wide state fixes the mixed precision of the first Accelerator: clear it, so
+        # that runs of one launch can differ in `train.mixed_precision` (the process group stays).
+        AcceleratorState._reset_state(reset_partial_state=False)
         raw = merge(spec["base"], overrides)
         raw["train"] = {**raw["train"], "output_dir": str(Path(spec["base"]["train"]["output_dir"]) / name)}
         result = train(load_config(None, raw))
