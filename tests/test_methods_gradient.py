@@ -367,7 +367,10 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.mark.parametrize("method", ["childtuning_d", "childtuning_f", "roast", "sam"])
+BF16_ONE_PROCESS = ["childtuning_d", "childtuning_f", "roast", "sam", "mat"]
+
+
+@pytest.mark.parametrize("method", BF16_ONE_PROCESS)
 def test_method_runs_under_bf16_autocast(method, easy_task, tmp_path, fresh_accelerator_state):
     cfg = tiny_run_overrides("bert", easy_task, tmp_path / "run", train__save_model=False, train__max_steps=4)
     cfg["train"]["mixed_precision"] = "bf16"
@@ -449,7 +452,10 @@ def test_mat_keyed_perturbation_depends_only_on_the_row_and_the_global_batch():
     assert not torch.allclose(fast._perturbation(collate(DATA[:6]), micro_step=3)[:3], half)
 
 
-@pytest.mark.parametrize("method", ["sam", "childtuning_d", "roast", "mat"])
+ZERO3_REFUSED = ["sam", "childtuning_d", "roast", "mat"]
+
+
+@pytest.mark.parametrize("method", ZERO3_REFUSED)
 def test_zero3_is_refused_at_setup(method):
     deepspeed = pytest.importorskip("deepspeed")
 

@@ -43,15 +43,15 @@ RUNS = {
     "asa": {"model": {"config": NO_DROPOUT}, "method": {"name": "asa"}},
 }
 RUNS["smart_plain"] = {**RUNS["smart"], "method": {"name": "smart", "smart": {"noise_std": 1e-3, "step_size": 1e-2}}}
-# vanilla draws model dropout from torch's generator; UEGR keys its chunk dropout (both run fp32 2-process in
-# test_zero_masking.py: here they only run in bf16, and in fp32 in one process for the bf16 gap below).
+# vanilla draws model dropout from torch's generator: it runs without. UEGR keys its chunk dropout; its fp32
+# 2-process runs are in test_zero_masking.py (here only bf16, and fp32 in one process for the bf16 gap below).
 RUNS["vanilla"] = {"model": {"config": NO_DROPOUT}, "method": {"name": "vanilla"}}
 RUNS["uegr"] = {"method": {"name": "uegr", "rng": "keyed", "adversary": {"eps": 0.01, "step_size": 0.01}}}
 BF16 = {f"{name}-bf16": name for name in ("vanilla", "uegr", "rdrop", "freelb", "smart", "smart_plain", "hype", "asa")}
 RUNS.update({run: merge(RUNS[name], {"train": {"mixed_precision": "bf16"}}) for run, name in BF16.items()})
 # ZeRO-3 refuses FreeLB and SMART's EMA teacher at start-up (tested in test_methods_objective.py): it runs SMART
 # without the teacher only.
-FP32_RUNS = ("rdrop", "freelb", "smart", "smart_plain", "hype", "asa")
+FP32_RUNS = ("vanilla", "rdrop", "freelb", "smart", "smart_plain", "hype", "asa")
 ZERO3_REFUSED = ("freelb", "smart", "freelb-bf16", "smart-bf16")
 STAGE_RUNS = {
     stage: tuple(name for name in (*FP32_RUNS, *BF16) if stage != "zero3" or name not in ZERO3_REFUSED)
@@ -140,7 +140,8 @@ def reference(tmp_path_factory) -> dict:
 
 # ZeRO-1 (DeepSpeed's stage-1/2 code path, as ZeRO-2) and ZeRO-3 cost ~70 s each on a 2-core CPU: they run with
 # UEGR_ALL_ZERO_STAGES=1, outside the default suite's time budget.
-STAGES_TO_RUN = ["ddp", "zero2"] + (["zero1", "zero3"] if os.environ.get("UEGR_ALL_ZERO_STAGES") == "1" else [])
+DEFAULT_STAGES, OPT_IN_STAGES = ["ddp", "zero2"], ["zero1", "zero3"]
+STAGES_TO_RUN = DEFAULT_STAGES + (OPT_IN_STAGES if os.environ.get("UEGR_ALL_ZERO_STAGES") == "1" else [])
 REFERENCE_RUNS = {name: RUNS[name] for stage in STAGES_TO_RUN for name in STAGE_RUNS[stage]}
 REFERENCE_RUNS.update({name: RUNS[name] for name in BF16.values()})  # the fp32 end of every bf16 gap
 
