@@ -65,7 +65,8 @@ STAGE_RUNS = {
 #   of the batch reductions differs. Measured: at most 0.5x the gap (UEGR; 0.07-0.5x over the methods).
 #   ZeRO-1/2/3: DeepSpeed's bf16 is not autocast: the module itself runs in bf16 (weights, activations, gradients),
 #   fp32 master weights in the optimizer. Measured, its gap to fp32 is 1.35-2.3x autocast's, so by the triangle
-#   inequality it lies within ~1 + 2.3 = 3.3 gaps of the autocast run; bound 3.5. Measured 1.3-2.4x (ZeRO-1/2/3).
+#   inequality it lies within ~1 + 2.3 = 3.3 gaps of the autocast run; bound 3.5. Measured 1.0-2.2x (ZeRO-2, the
+#   saved fp32 master weights); 1.3-2.4x (ZeRO-1/2/3) when the saved model was DeepSpeed's bf16 copy.
 # A 1-process bf16 run on half the batch (what a rank whose gradients were not averaged would do) lands 14-27 gaps
 # away (~1.0 update norms; measured for R-Drop, HyPe and UEGR).
 BF16_GAP_FACTOR = {"ddp": 1.0, "zero1": 3.5, "zero2": 3.5, "zero3": 3.5}

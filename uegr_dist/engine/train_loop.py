@@ -26,6 +26,7 @@ from uegr_dist.config import Config, ConfigError, config_to_dict
 from uegr_dist.data import LengthGroupedSampler, PaddingCollator, TaskData, load_raw_task, prepare_task
 from uegr_dist.engine.checkpoint import Checkpointer, refuse_stale_checkpoints, select_resume_checkpoint
 from uegr_dist.engine.distributed import build_accelerator
+from uegr_dist.engine.export import save_model
 from uegr_dist.engine.guard import NonFiniteGuard, Preempted, PreemptionHandler
 from uegr_dist.evaluation import classification_metrics, regression_metrics
 from uegr_dist.methods import Method, MethodContext, build_method, model_inputs
@@ -288,15 +289,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
     }
     accelerator.wait_for_everyone()
     if cfg.train.save_model:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(
-            out,
-            is_main_process=accelerator.is_main_process,
-            save_function=accelerator.save,
-            state_dict=accelerator.get_state_dict(model),
-        )
-        if accelerator.is_main_process:
-            tokenizer.save_pretrained(out)
+        save_model(accelerator, model, out, tokenizer)  # fp32: DeepSpeed bf16 saves its fp32 master weights
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     accelerator.end_training()
