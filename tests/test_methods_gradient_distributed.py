@@ -21,10 +21,11 @@ from accelerate.state import AcceleratorState
 from tests.conftest import TINY_MODELS
 from tests.test_zero_masking import REPO, launch, reloaded_state, write_fixed_length_task
 from uegr_dist.config import load_config
+from uegr_dist.config.loading import merge
 from uegr_dist.engine.train_loop import load_task, train
 from uegr_dist.modeling import load_model
 
-HELPER = REPO / "tests" / "distributed" / "gradient_methods_run.py"
+HELPER = REPO / "tests" / "distributed" / "methods_run.py"
 STEPS, PER_RANK_BATCH = 5, 4  # 32 rows: 4 steps per epoch, so RoAST refreshes its keep probabilities once
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 METHODS = {
@@ -38,10 +39,9 @@ METHODS = {
 BF16 = "-bf16"  # run-name suffix: the same method with train.mixed_precision bf16
 
 
-def write_config(root: Path, dest: Path, run: str, batch_size: int, method: dict) -> Path:
-    """dest/run.yaml: STEPS steps of `method` from the saved tiny model root/init on the fixed-length task (bf16
-    mixed precision when the run's name ends in BF16)."""
-    cfg = {
+def run_config(root: Path, output_dir: Path, batch_size: int, method: dict, bf16: bool = False) -> dict:
+    """STEPS steps of `method` from the saved tiny model root/init on the fixed-length task, into output_dir."""
+    return {
         "model": {"name_or_path": str(root / "init")},
         "data": {
             "train_file": str(root / "train.jsonl"),
@@ -50,13 +50,13 @@ def write_config(root: Path, dest: Path, run: str, batch_size: int, method: dict
             "padding": "max_length",
         },
         "train": {
-            "output_dir": str(dest / run),
+            "output_dir": str(output_dir),
             "max_steps": STEPS,
             "batch_size": batch_size,
             "lr": 3e-3,
             "warmup_ratio": 0.0,
             "log_every": 1,
-            "mixed_precision": "bf16" if run.endswith(BF16) else "no",
+            "mixed_precision": "bf16" if bf16 else "no",
             "tracker": "none",
             "progress": False,
             "eval_every_epoch": False,
@@ -64,8 +64,23 @@ def write_config(root: Path, dest: Path, run: str, batch_size: int, method: dict
         },
         "method": method,
     }
-    path = dest / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+
+
+def run_overrides(run: str, processes: int) -> dict:
+    """A run's own settings on top of `run_config`: its method (mSAM's shards for `processes`) and precision (bf16
+    when the run's name ends in BF16)."""
+    return {
+        "method": method_config(run, shards(run, processes)),
+        "train": {"mixed_precision": "bf16" if run.endswith(BF16) else "no"},
+    }
+
+
+def write_spec(root: Path, dest: Path, runs: list[str], processes: int) -> Path:
+    """dest/spec.json for tests/distributed/methods_run.py: `runs` one after the other, each into dest/<run>, the
+    global batch 2 * PER_RANK_BATCH split over `processes`."""
+    base = run_config(root, dest, 2 * PER_RANK_BATCH // processes, {"name": "vanilla"})
+    path = dest / "spec.json"
+    path.write_text(json.dumps({"base": base, "runs": {run: run_overrides(run, processes) for run in runs}}))
     return path
 
 
@@ -141,8 +156,7 @@ def reference(tmp_path_factory) -> dict:
         for run in REFERENCE_RUNS:
             # accelerate keeps one process-wide state whose precision cannot change: a fresh one per run.
             AcceleratorState._reset_state(reset_partial_state=True)
-            config = write_config(root, root, run, 2 * PER_RANK_BATCH, method_config(run, shards(run, 1)))
-            train(load_config(config))
+            train(load_config(None, merge(run_config(root, root / run, 2 * PER_RANK_BATCH, {}), run_overrides(run, 1))))
             params[run] = reloaded_state(root / run)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -176,18 +190,20 @@ def update_difference(params: dict, want: dict, init: dict) -> float:
 @pytest.mark.parametrize("stage", STAGES_TO_RUN)
 def test_two_processes_equal_one_process(stage, reference, tmp_path):
     accelerate_config, runs = STAGES[stage]
-    configs = [
-        write_config(reference["root"], tmp_path, run, PER_RANK_BATCH, method_config(run, shards(run, 2)))
-        for run in runs
-    ]
-    done = launch(REPO / "configs/accelerate" / accelerate_config, [str(HELPER), *map(str, configs)], timeout=500)
+    spec = write_spec(reference["root"], tmp_path, runs, processes=2)
+    report_path = tmp_path / "report.json"
+    done = launch(
+        REPO / "configs/accelerate" / accelerate_config, [str(HELPER), str(spec), str(report_path)], timeout=500
+    )
+    assert report_path.is_file(), done.stderr[-4000:]
+    report = json.loads(report_path.read_text())
     init = reloaded_state(reference["root"] / "init")
     diffs = {}
     for run in runs:
         assert (tmp_path / run / "metrics.json").is_file(), (run, done.stderr[-4000:])
         metrics = json.loads((tmp_path / run / "metrics.json").read_text())
         assert metrics["train"]["num_processes"] == 2 and metrics["train"]["steps"] == STEPS
-        used = json.loads((tmp_path / run / "precision.json").read_text())["mixed_precision"]
+        used = report[run]["mixed_precision"]
         assert used == ("bf16" if run.endswith(BF16) else "no"), (run, used)
         # Logged losses are rank 0's half of the batch: only their count and finiteness are comparable.
         losses = [entry["loss"] for entry in metrics["train_loss"]]
@@ -216,15 +232,17 @@ def test_two_processes_equal_one_process(stage, reference, tmp_path):
 def test_mat_under_zero2_cut_and_resumed_equals_one_process(reference, tmp_path):
     """MAT writes its SGLD result into the ZeRO master partitions (the engine never steps): a 2-process ZeRO-2 run
     preempted after step 2 (checkpoint, exit) and resumed ends where the uninterrupted 1-process run does."""
-    config = write_config(reference["root"], tmp_path, "mat", PER_RANK_BATCH, method_config("mat"))
+    config = tmp_path / "mat.yaml"
+    raw = run_config(reference["root"], tmp_path / "mat", PER_RANK_BATCH, method_config("mat"))
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
     zero2 = REPO / "configs/accelerate/cpu-2proc-zero2.yaml"
-    cut = launch(zero2, [str(HELPER), str(config)], timeout=300, UEGR_DEBUG_SIGNAL_AT="2:TERM")
+    train_cli = ["-m", "uegr_dist.train", "--config", str(config)]
+    cut = launch(zero2, train_cli, timeout=300, UEGR_DEBUG_SIGNAL_AT="2:TERM")
     assert cut.returncode != 0 and not (tmp_path / "mat" / "metrics.json").exists(), cut.stderr[-3000:]
     assert [p.name for p in (tmp_path / "mat" / "checkpoints").iterdir()] == ["step-2"]
-    raw = yaml.safe_load(config.read_text())
     raw["train"]["resume"] = "auto"
     config.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    done = launch(zero2, [str(HELPER), str(config)], timeout=300)
+    done = launch(zero2, train_cli, timeout=300)
     assert (tmp_path / "mat" / "metrics.json").is_file(), done.stderr[-4000:]
     params, want = reloaded_state(tmp_path / "mat"), reference["params"]["mat"]
     max_diff = max(float((params[k] - v).abs().max()) for k, v in want.items())

@@ -2,7 +2,8 @@
 
 Run as `python tests/distributed/methods_run.py SPEC REPORT` where SPEC is a JSON file {"base": <config dict>,
 "runs": {name: <overrides dict>}}. Each run trains into base.train.output_dir/<name> (the saved model is what the
-distributed tests compare); rank 0 writes REPORT (JSON): per run, the logged training losses and final metrics.
+distributed tests compare); rank 0 writes REPORT (JSON): per run, the logged training losses, the final metrics and
+the mixed precision accelerate used.
 Runs may differ in anything, `train.mixed_precision` included.
 """
 
@@ -37,7 +38,12 @@ def main() -> None:
         raw = merge(spec["base"], overrides)
         raw["train"] = {**raw["train"], "output_dir": str(Path(spec["base"]["train"]["output_dir"]) / name)}
         result = train(load_config(None, raw))
-        report[name] = {"losses": [e["loss"] for e in result.metrics["train_loss"]], "final": result.metrics["final"]}
+        report[name] = {
+            "losses": [e["loss"] for e in result.metrics["train_loss"]],
+            "final": result.metrics["final"],
+            # What accelerate actually used (DeepSpeed: its config's bf16 / fp16 switch).
+            "mixed_precision": AcceleratorState().mixed_precision,
+        }
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.report).write_text(json.dumps(report, indent=2), encoding="utf-8")
 
