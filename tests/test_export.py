@@ -21,6 +21,7 @@ from tests.test_zero_masking import REPO, STAGES, launch
 EXPORT_STAGES = ["zero2", "zero3"] + (["zero1"] if os.environ.get("UEGR_ALL_ZERO_STAGES") == "1" else [])
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage", EXPORT_STAGES)
 def test_deepspeed_bf16_saves_fp32_master_weights(stage, tmp_path):
     done = launch(STAGES[stage], [str(REPO / "tests/distributed/export_run.py"), str(tmp_path)], timeout=240)
