@@ -118,7 +118,7 @@ STAGES = {
     "zero1": ("cpu-2proc-zero1.yaml", [*METHODS, "asam", "msam", "mat", *ZERO_BF16_RUNS]),
     "zero2": ("cpu-2proc-zero2.yaml", [*METHODS, "asam", "msam", "mat", *ZERO_BF16_RUNS]),
     # ChildTuning-F is the one gradient method allowed under ZeRO-3 (the others refuse it at start-up).
-    "zero3": ("cpu-2proc-zero3.yaml", ["childtuning_f"]),
+    "zero3": ("cpu-2proc-zero3.yaml", ["childtuning_f", "childtuning_f" + BF16]),
 }
 # ZeRO-3 costs a whole launch (~45 s on a 2-core CPU) for one run: it runs with UEGR_ALL_ZERO_STAGES=1, outside the
 # default suite's time budget.
