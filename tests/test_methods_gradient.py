@@ -8,6 +8,7 @@ import contextlib
 import copy
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -497,3 +498,35 @@ def test_include_matching_nothing_fails_before_writing(easy_task, tmp_path):
     with pytest.raises(ConfigError, match="matches no trainable parameter"):
         train(load_config(None, cfg))
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- presets
+
+# configs/methods preset -> (method name, the settings it changes from the defaults of docs/methods.md).
+GRADIENT_PRESETS = {
+    "childtuning-d": ("childtuning_d", {}),
+    "childtuning-f": ("childtuning_f", {}),
+    "roast": ("roast", {}),
+    "sam": ("sam", {}),
+    "sam-asam": ("sam", {"sam": {"rho": 0.5, "adaptive": True}}),
+    "sam-msam": ("sam", {"sam": {"m_shards": 4}}),
+    "mat": ("mat", {"mat": {"k_delta": 3, "k_theta": 20}}),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(GRADIENT_PRESETS))
+def test_gradient_method_presets_load_and_train(preset, easy_task, tmp_path, fresh_accelerator_state):
+    """Each ready config of configs/methods is the documented defaults plus what its comment says, and trains."""
+    name, changed = GRADIENT_PRESETS[preset]
+    tiny_cfg = tiny_run_overrides("bert", easy_task, tmp_path / "run", train__save_model=False, train__max_steps=2)
+    tiny_cfg.pop("method")
+    path = Path(__file__).resolve().parents[1] / "configs" / "methods" / f"{preset}.yaml"
+    cfg = load_config(path, tiny_cfg)
+    assert cfg.method == load_config(None, {"method": {"name": name, **changed}}).method
+    if name == "mat":  # the paper's 20 SGLD steps are for real runs; the tiny run checks the rest of the preset
+        tiny_cfg["method"] = {"mat": {"k_theta": 2}}
+        cfg = load_config(path, tiny_cfg)
+    result = train(cfg)
+    losses = [entry["loss"] for entry in result.metrics["train_loss"]]
+    assert result.metrics["method"] == name and result.metrics["train"]["steps"] == 2
+    assert all(math.isfinite(x) for x in losses)
