@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -130,3 +132,30 @@ def victim_dir(tmp_path_factory) -> Path:
         return train_victim(tmp_path_factory.mktemp("victim"))
     finally:
         torch.set_num_threads(threads)
+
+
+def run_reaped(command: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True, timeout=timeout)` that, on timeout, also kills every
+    process the command started. `accelerate launch` starts its ranks in sessions of their own (torch elastic), so
+    killing the launcher alone (what `subprocess.run` does) leaves them running: on a 2-core machine such orphans
+    slow every later test."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
+        proc.kill()
+        for child in family:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # something outside the family still holds the pipes
+            out, err = "", ""
+        raise subprocess.TimeoutExpired(command, timeout, out, err) from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)

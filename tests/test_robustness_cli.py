@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import train_victim
+from tests.conftest import run_reaped, train_victim
 from tests.test_robustness import read_rows, write_eval_file
 from uegr_dist.cli.eval import main
 
@@ -149,7 +148,7 @@ def test_two_processes_give_the_same_summary_and_rows_as_one(victim_dir, eval_fi
     ]
     assert main([*args, "--output-dir", str(tmp_path / "one")]) == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
+    done = run_reaped(
         [
             str(ACCELERATE),
             "launch",
@@ -165,8 +164,6 @@ def test_two_processes_give_the_same_summary_and_rows_as_one(victim_dir, eval_fi
         ],
         cwd=REPO,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]

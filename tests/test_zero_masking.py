@@ -21,7 +21,7 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification
 
-from tests.conftest import NEGATIVE_WORDS, POSITIVE_WORDS, TINY_MODELS
+from tests.conftest import NEGATIVE_WORDS, POSITIVE_WORDS, TINY_MODELS, run_reaped
 from uegr_dist.config import load_config
 from uegr_dist.engine.train_loop import load_task
 from uegr_dist.modeling import load_model
@@ -84,12 +84,11 @@ def run_config(root: Path, dest: Path, name: str, model: Path | None, batch_size
 
 
 def launch(accelerate_config: Path, args: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` of 2 CPU processes on a fresh port, from the repository root."""
+    """`accelerate launch` of 2 CPU processes on a fresh port, from the repository root (on timeout the ranks are
+    killed too)."""
     command = [str(ACCELERATE), "launch", "--config_file", str(accelerate_config), "--main_process_port"]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.run(
-        [*command, str(free_port()), *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    return run_reaped([*command, str(free_port()), *args], cwd=REPO, env=full_env, timeout=timeout)
 
 
 def reloaded_state(path: Path) -> dict[str, torch.Tensor]:
