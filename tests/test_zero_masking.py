@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -189,15 +190,20 @@ def test_uegr_train_cli_zero3_exports_a_complete_model(parity, tmp_path):
 
 @pytest.mark.distributed
 def test_crashing_rank_ends_the_job_quickly(parity, tmp_path):
+    """Rank 1 raises at step 2 while rank 0 goes on into the next collective: the launcher must end the job soon
+    after (not after train.collective_timeout, 600 s). Timed from the failure, not from the start (start-up time
+    depends on the machine's load)."""
     config = run_config(parity["root"], tmp_path, "run", parity["root"] / "init", PER_RANK_BATCH)
-    start = time.monotonic()
     done = launch(
-        STAGES["zero2"], [str(HELPER), str(config), str(tmp_path / "r.json")], timeout=120, UEGR_TEST_CRASH_AT_STEP="2"
+        STAGES["zero2"], [str(HELPER), str(config), str(tmp_path / "r.json")], timeout=180, UEGR_TEST_CRASH_AT_STEP="2"
     )
-    elapsed = time.monotonic() - start
+    ended = time.time()
     assert done.returncode != 0
-    assert "injected failure on rank 1" in done.stderr
-    assert elapsed < 60, elapsed
+    failure = re.search(r"injected failure on rank 1 at step 2 \(time ([0-9.]+)\)", done.stderr)
+    assert failure, done.stderr[-3000:]
+    after_failure = ended - float(failure.group(1))
+    print(f"job ended {after_failure:.1f} s after the failure")
+    assert after_failure < 45, after_failure
     assert not (tmp_path / "r.json").exists()
 
 

@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -68,7 +69,7 @@ def record_masks(steps: list[dict], checks: dict[str, bool] | None) -> None:
 
     def transform_gradients(self: UEGR, step: int) -> dict[str, float]:
         if step == crash_at and rank() == 1:
-            raise RuntimeError(f"injected failure on rank 1 at step {step}")
+            raise RuntimeError(f"injected failure on rank 1 at step {step} (time {time.time():.3f})")
         if checks is not None and not checks:
             checks["threshold_ok"] = check_sharded_threshold()
         logs = original(self, step)
