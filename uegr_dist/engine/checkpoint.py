@@ -233,7 +233,7 @@ def _rng_restore(snap: dict[str, Any]) -> None:
 
 class Checkpointer:
     """Saves and restores the whole run state; the loop calls `resume` once, `epoch_batches` per epoch,
-    `maybe_save` at every optimizer-step boundary and `save` at the end or on preemption."""
+    `due` at every optimizer-step boundary (then `save`) and `save` at the end or on preemption."""
 
     def __init__(
         self, accelerator: Accelerator, cfg: Config, method: Method, generator: torch.Generator, resume: Path | None
@@ -319,11 +319,11 @@ class Checkpointer:
             _rng_restore(self._pending_rng)
             self._pending_rng = None
 
-    def maybe_save(self, state: LoopState, total_steps: int) -> None:
-        """Save every `train.save_every` steps (the end of the run is saved by the loop after the final eval)."""
+    def due(self, state: LoopState, total_steps: int) -> bool:
+        """Whether a checkpoint is due after this step: every `train.save_every` steps (the end of the run is saved by
+        the loop after the final eval)."""
         every = self.cfg.train.save_every
-        if every > 0 and state.step % every == 0 and state.step < total_steps:
-            self.save(state)
+        return every > 0 and state.step % every == 0 and state.step < total_steps
 
     def save(self, state: LoopState) -> Path:
         """Write checkpoint `step-N` atomically (all ranks write into `.tmp-step-N`; rank 0 adds the manifest and

@@ -155,11 +155,11 @@ class NonFiniteGuard:
             loss = loss.detach() * math.nan
             if params:
                 params[0].grad.fill_(math.nan)
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        if self.check_gradients and params and not bad:
+        finite = torch.isfinite(loss.detach()).all()
+        if self.check_gradients and params:
             norms = torch._foreach_norm([p.grad for p in params])
-            bad = not bool(torch.isfinite(torch.stack(norms)).all())
-        bad = _agree_any(self.accelerator, bad)
+            finite = finite & torch.isfinite(torch.stack(norms).to(finite.device)).all()
+        bad = _agree_any(self.accelerator, not bool(finite))  # the step's one host synchronization
         if bad and not self.deepspeed:
             for param in params:
                 param.grad = None

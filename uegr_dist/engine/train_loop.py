@@ -24,7 +24,12 @@ from transformers import get_scheduler
 from uegr_dist.backward import MaskedAdamW, configure_deepspeed_clipping
 from uegr_dist.config import Config, ConfigError, config_to_dict
 from uegr_dist.data import LengthGroupedSampler, PaddingCollator, TaskData, load_raw_task, prepare_task
-from uegr_dist.engine.checkpoint import Checkpointer, refuse_stale_checkpoints, select_resume_checkpoint
+from uegr_dist.engine.checkpoint import (
+    Checkpointer,
+    LoopState,
+    refuse_stale_checkpoints,
+    select_resume_checkpoint,
+)
 from uegr_dist.engine.distributed import build_accelerator
 from uegr_dist.engine.export import save_model
 from uegr_dist.engine.guard import NonFiniteGuard, Preempted, PreemptionHandler
@@ -205,6 +210,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
         disable=not (accelerator.is_local_main_process and cfg.train.progress),
     )
     model.train()
+    tally = _DeviceTally()
     with PreemptionHandler(accelerator) as preemption:
         while state.step < total_steps:
             for batch in checkpoints.epoch_batches(train_loader, state):
@@ -224,21 +230,22 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 state.micro_step += 1
-                state.window_loss.append(result.loss.item())
+                # The first optimizer step (allocations, lazy init) is left out of the throughput window.
+                tally.add(result.loss, batch["attention_mask"] if state.step > 0 else None)
                 if state.step > 0:
-                    # The first optimizer step (allocations, lazy init) is left out of the throughput window.
                     state.train_seconds += time.perf_counter() - tic
                     state.samples += batch["labels"].shape[0]
-                    state.tokens += int(batch["attention_mask"].sum())
                 if not accelerator.sync_gradients:
                     continue
                 guard.record(finite, state, state.step)
                 state.step += 1
                 progress.update(1)
                 if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+                    tally.flush(state)
                     finite_losses = [x for x in state.window_loss if math.isfinite(x)]
                     entry = {"step": state.step, "loss": float(np.mean(finite_losses)) if finite_losses else math.nan}
-                    entry.update({**result.logs, **logs, "lr": scheduler.get_last_lr()[0]})
+                    entry.update({k: float(v) for k, v in {**result.logs, **logs}.items()})
+                    entry["lr"] = scheduler.get_last_lr()[0]
                     entry["nonfinite_steps"] = state.nonfinite_steps
                     state.losses.append(entry)
                     state.window_loss = []
@@ -248,8 +255,11 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
                     break
                 # The last step goes on to the final evaluation and save, even when a signal came.
                 if preemption.requested(state.step):
+                    tally.flush(state)
                     raise Preempted(str(checkpoints.save(state)), state.step)
-                checkpoints.maybe_save(state, total_steps)
+                if checkpoints.due(state, total_steps):
+                    tally.flush(state)
+                    checkpoints.save(state)
             state.epoch += 1
             if cfg.train.eval_every_epoch or state.step >= total_steps:
                 metrics = evaluate(accelerator, model, eval_loader, task, extra_loaders)
@@ -259,6 +269,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
                     report = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
                     progress.write(f"epoch {state.epoch} step {state.step}: {report}")
     progress.close()
+    tally.flush(state)
     if not state.history or state.history[-1]["step"] != state.step:
         metrics = evaluate(accelerator, model, eval_loader, task, extra_loaders)
         state.history.append({"epoch": state.epoch, "step": state.step, **metrics})
@@ -294,6 +305,31 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     accelerator.end_training()
     return RunResult(summary, out)
+
+
+class _DeviceTally:
+    """Per-micro-batch losses and token counts kept on the device until they are read (logging, a checkpoint, the
+    end of the run), so that a training step needs no host synchronization for them (on a GPU each one stalls the
+    queue of kernels the host has launched ahead)."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.tokens: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        self.losses.append(torch.as_tensor(loss).detach().float().reshape(()))
+        if attention_mask is not None:
+            count = attention_mask.sum()
+            self.tokens = count if self.tokens is None else self.tokens + count
+
+    def flush(self, state: LoopState) -> None:
+        """Move what was tallied into `state` (one synchronization)."""
+        if self.losses:
+            state.window_loss.extend(torch.stack([x.to(self.losses[0].device) for x in self.losses]).tolist())
+            self.losses = []
+        if self.tokens is not None:
+            state.tokens += int(self.tokens)
+            self.tokens = None
 
 
 def _all_reduce_sum(tensor: torch.Tensor) -> None:

@@ -26,11 +26,12 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class StepOutput:
-    """One micro-batch's training loss, the clean logits [B, C] and detached scalars to log."""
+    """One micro-batch's training loss, the clean logits [B, C] and detached scalars to log (floats, or 0-dim
+    tensors, which the loop reads only when it logs: no host synchronization in the step)."""
 
     loss: torch.Tensor
     logits: torch.Tensor
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

@@ -17,4 +17,4 @@ class Vanilla(Method):
         """Task loss of one ordinary forward."""
         logits = model(**model_inputs(batch)).logits
         loss = task_loss(logits, batch["labels"])
-        return StepOutput(loss, logits.detach(), {"task_loss": loss.item()})
+        return StepOutput(loss, logits.detach(), {"task_loss": loss.detach()})  # read when logged: no sync here
