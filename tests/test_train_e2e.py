@@ -87,3 +87,32 @@ def test_cli_bad_input_exits_nonzero_and_writes_nothing(override, message, easy_
     assert message in done.stderr
     assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
     assert not out.exists()
+
+
+def test_uegr_demo_runs_both_methods_and_rejects_a_bad_override(tmp_path):
+    """The README's main command, `uegr-demo` (shipped MiniLM, shipped corpus), in a few steps: both methods train,
+    save a model and print the table; a wrong override fails at start-up (exit 2) with the key named."""
+    demo = [sys.executable, "-m", "uegr_dist.demo"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "demo"
+    args = ["--train.max_steps", "2", "--train.eval_batch_size", "200", "--train.output_dir", str(out)]
+    done = subprocess.run(
+        [*demo, *args, "--train.progress", "false"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| method | accuracy | F1 |" in done.stdout
+    for method in ("vanilla", "uegr"):
+        assert f"| {method} |" in done.stdout
+        metrics = json.loads((out / method / "metrics.json").read_text())
+        assert metrics["method"] == method and metrics["train"]["steps"] == 2
+        assert (out / method / "model.safetensors").is_file()
+    bad_out = tmp_path / "bad"
+    bad = subprocess.run(
+        [*demo, "--train.lr", "fast", "--train.output_dir", str(bad_out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "train.lr" in bad.stderr, bad.stderr[-2000:]
+    assert not bad_out.exists()
