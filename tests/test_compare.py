@@ -13,7 +13,7 @@ import yaml
 from tests.conftest import TINY_MODELS
 from uegr_dist.cli.compare import main
 from uegr_dist.compare import aggregate, load_suite
-from uegr_dist.compare.runner import robustness_values
+from uegr_dist.compare.runner import RUNNER_FILE, robustness_values
 from uegr_dist.config import ConfigError
 
 
@@ -127,3 +127,27 @@ def test_aggregate_is_mean_and_sample_std_and_robustness_columns():
     summary = {"clean": {"accuracy": 0.9}, "attacks": {"char": {"attacked_accuracy": 0.4}, "pgd_l2": {"curve": curve}}}
     assert robustness_values(summary, "validation") == {"char_acc": 0.4, "pgd_l2_mean_acc": pytest.approx(0.4)}
     assert robustness_values(summary, "adv_sst2") == {"adv_sst2_acc": 0.9}
+
+
+@pytest.mark.distributed
+def test_suite_launch_prefix_trains_each_run_on_two_processes(tmp_path, easy_task):
+    """`launch:` puts every training run under the given launcher: here `accelerate launch` of 2 CPU processes
+    (DDP), the same distributed setup for every method of the suite."""
+    from tests.test_zero_masking import ACCELERATE, REPO, free_port
+
+    launch = [str(ACCELERATE), "launch", "--config_file", str(REPO / "configs/accelerate/cpu-2proc-ddp.yaml")]
+    path = _suite(
+        tmp_path,
+        easy_task,
+        seeds=[0],
+        methods={"vanilla": {"method": {"name": "vanilla"}}},
+        launch=[*launch, "--main_process_port", str(free_port())],
+    )
+    assert main(["--suite", str(path), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    metrics = json.loads((out / "easy" / "vanilla" / "seed-0" / "metrics.json").read_text())
+    assert metrics["train"]["num_processes"] == 2
+    runner = json.loads((out / "easy" / "vanilla" / "seed-0" / RUNNER_FILE).read_text())
+    assert runner["command"][: len(launch)] == launch
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["method"], r["seed"]) for r in rows] == [("vanilla", "0")]
