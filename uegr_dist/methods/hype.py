@@ -2,6 +2,10 @@
 
 Yuan et al., "HyPe: Better Pre-trained Language Model Fine-tuning with Hidden Representation Perturbation",
 ACL 2023 (arXiv 2212.08853).
+
+Deviations: none in the perturbation (normal or uniform noise on every layer's input, training only); the paper's
+combinations of HyPe with other regularizers are not built in, and under bf16 the noise is added in the hidden
+states' dtype (see `HyPe`).
 """
 
 from __future__ import annotations

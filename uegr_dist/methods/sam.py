@@ -17,6 +17,11 @@ mSAM (m_shards = m > 1): each process splits its micro-batch into m shards, each
 processes with m shards therefore equal one process with N * m shards of the same sizes (m-sharpness with
 m = per-shard batch).
 
+Deviations: the base optimizer is the loop's AdamW, as for every method here (SAM's paper wraps SGD for its image
+experiments; the perturbation and the two passes are the same); the step's gradient clipping, if on, acts on the
+gradient at theta + eps (the one the optimizer uses); mSAM's shards are cut from each process's micro-batch, so m
+counts shards per process, where the paper's m is the per-accelerator batch size.
+
 Not supported (start-up errors): train.grad_accum > 1 (eps is defined per optimizer step), ZeRO-3 (parameters are
 partitioned: eps cannot be added to whole parameters). Costs two forward-backward passes per step.
 """

@@ -1,6 +1,7 @@
 """UEGR: adversarial embeddings + K adaptive-dropout sub-models in one stacked forward (forward stage), then
 saliency scores and a top-rho gradient mask (backward stage). DESIGN.md §1 gives the equations; every choice the
-paper's abstract leaves open is a config option (`MethodConfig`)."""
+paper's abstract leaves open is a config option (`MethodConfig`); the README's "Choices we had to make" lists the
+choices and why (there is no reference code to deviate from)."""
 
 from __future__ import annotations
 
