@@ -27,7 +27,8 @@ class RDrop(Method):
 
     f_1, f_2 are the model under two independent dropout masks, run as ONE forward of the batch stacked [x; x].
     KL is summed over classes and averaged over the batch (deviation: the paper's BERT code sums over the batch and
-    its RoBERTa code averages; we average so alpha does not scale with the batch size). Both KL directions carry gradients, as in the paper.
+    its RoBERTa code averages; we average so alpha does not scale with the batch size). Both KL directions carry
+    gradients, as in the paper.
     Regression (num_labels = 1): MSE for the task term, squared difference of the two predictions for the KL term.
     Randomness: with `method.rng: keyed` the masks of sample i are keyed by (seed, micro-batch index, sample id, pass),
     so a 2-process run reproduces a 1-process run whose micro-batches hold the same samples; `fast` uses torch's
