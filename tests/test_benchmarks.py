@@ -194,3 +194,15 @@ def test_stage_breakdown_of_loop_and_naive_records():
         assert stages["step"] == 1.0 and stages["saliency_mask"] == 0.0
     assert throughput.stage_breakdown(naive)["communication"] == pytest.approx(0.1)
     assert throughput.stage_breakdown(loop)["step"] == 2.0  # medians over the steps
+
+
+def test_optimizer_step_benchmark_writes_its_record(tmp_path):
+    """`python -m benchmarks.optimizer_step` on the tiny preset: the three variants timed, ratios to torch AdamW."""
+    from benchmarks import optimizer_step
+
+    out = optimizer_step.main(["--config", "tiny", "--steps", "1", "--threads", "1", "--out-dir", str(tmp_path)])
+    record = json.loads(out.read_text())
+    assert set(record["rows"]) == {"torch-adamw", "masked-adamw-unmasked", "masked-adamw-masked"}
+    assert record["rows"]["torch-adamw"]["vs_torch_adamw"] == 1.0
+    assert all(row["median_s"] > 0 for row in record["rows"].values())
+    assert record["parameters"] > 0

@@ -100,3 +100,24 @@ def test_invalid_masks_and_hyperparameters_raise() -> None:
     for kwargs, name in [({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"), ({"weight_decay": -0.1}, "weight")]:
         with pytest.raises(ValueError, match=name):
             MaskedAdamW(params, **kwargs)  # type: ignore[arg-type]
+
+
+def test_masked_update_is_the_same_in_any_grouping(monkeypatch) -> None:
+    """The masked update runs over groups of about MASKED_CHUNK_ELEMENTS elements (bounded temporaries): groups cut
+    between every parameter give the same bits as one group of all."""
+    import uegr_dist.backward.masked_adamw as module
+
+    results = []
+    for chunk in (1 << 30, 1):
+        monkeypatch.setattr(module, "MASKED_CHUNK_ELEMENTS", chunk)
+        params = make_params()
+        opt = MaskedAdamW(groups(params), **HYPER)
+        gen = torch.Generator().manual_seed(3)
+        for step in range(4):
+            set_grads(params, step)
+            opt.set_update_masks({p: torch.rand(p.shape, generator=gen) < 0.5 for p in params})
+            opt.step()
+        results.append([(p.detach().clone(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]) for p in params])
+    for one, many in zip(*results):
+        for a, b in zip(one, many):
+            assert torch.equal(a, b)

@@ -80,48 +80,96 @@ class MaskedAdamW(torch.optim.Optimizer):
                     state["step"] += 1
                     (masked if param in self._masks else plain).append((param, state))
                 _adamw_update_(plain, None, group)
-                _adamw_update_(masked, [self._masks[param].to(param.dtype) for param, _ in masked], group)
+                _adamw_update_(masked, [self._masks[param] for param, _ in masked], group)
         finally:
             self._masks = {}
         return loss
 
 
+# The masked update works on groups of parameters of about this many elements at a time, so its temporaries (the
+# mask as floats and two scratch buffers) stay this size whatever the model's (a parameter larger than this is one
+# group of its own).
+MASKED_CHUNK_ELEMENTS = 1 << 23
+
+
 def _adamw_update_(
     entries: list[tuple[torch.Tensor, dict[str, Any]]], masks: list[torch.Tensor] | None, group: dict[str, Any]
 ) -> None:
-    """AdamW update of (param, state) pairs in place with foreach ops; masks: 0/1 tensors in the params' dtypes.
+    """AdamW update of (param, state) pairs in place with foreach ops; masks: bool tensors shaped like the params.
 
-    Written as increments scaled by the mask (m += (1 - beta1) * mask * (g - m), ...), so a 0 leaves the
-    parameter and both moments bit for bit unchanged.
+    Masked form, written as increments scaled by the mask (m += (1 - beta1) * mask * (g - m), ...), so a False
+    coordinate keeps its parameter and both moments bit for bit. It runs over groups of about MASKED_CHUNK_ELEMENTS
+    elements with two reused scratch buffers per parameter (the gradient is left as it was).
     """
     if not entries:
         return
+    if masks is None:
+        _plain_update_(entries, group)
+        return
+    chunk: list[int] = []
+    size = 0
+    for i, (param, _) in enumerate(entries):
+        chunk.append(i)
+        size += param.numel()
+        if size >= MASKED_CHUNK_ELEMENTS or i == len(entries) - 1:
+            _masked_update_([entries[j] for j in chunk], [masks[j] for j in chunk], group)
+            chunk, size = [], 0
+
+
+def _bias_corrections(
+    entries: list[tuple[torch.Tensor, dict[str, Any]]], group: dict[str, Any]
+) -> tuple[list[float], list[float]]:
+    """Per parameter: sqrt(1 - beta2^t) and -lr / (1 - beta1^t), t its step count (a CPU tensor: no device sync)."""
+    lr, (beta1, beta2) = group["lr"], group["betas"]
+    steps = [state["step"].item() for _, state in entries]
+    return [math.sqrt(1.0 - beta2**t) for t in steps], [-lr / (1.0 - beta1**t) for t in steps]
+
+
+def _plain_update_(entries: list[tuple[torch.Tensor, dict[str, Any]]], group: dict[str, Any]) -> None:
+    """torch.optim.AdamW's in-place form: no full-size temporaries for the moments."""
     lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     params = [param for param, _ in entries]
     grads = [param.grad for param in params]
     exp_avgs = [state["exp_avg"] for _, state in entries]
     exp_avg_sqs = [state["exp_avg_sq"] for _, state in entries]
-    steps = [state["step"].item() for _, state in entries]
-
-    if masks is None:  # torch.optim.AdamW's in-place form: no full-size temporaries for the moments
-        if weight_decay != 0.0:
-            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    else:
-        if weight_decay != 0.0:
-            torch._foreach_addcmul_(params, params, masks, value=-lr * weight_decay)
-        first = torch._foreach_sub(grads, exp_avgs)
-        second = torch._foreach_mul(grads, grads)
-        torch._foreach_sub_(second, exp_avg_sqs)
-        torch._foreach_mul_(first, masks)
-        torch._foreach_mul_(second, masks)
-        torch._foreach_add_(exp_avgs, first, alpha=1.0 - beta1)
-        torch._foreach_add_(exp_avg_sqs, second, alpha=1.0 - beta2)
-
+    root_corrections, step_sizes = _bias_corrections(entries, group)
+    if weight_decay != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**step) for step in steps])
+    torch._foreach_div_(denom, root_corrections)
     torch._foreach_add_(denom, eps)
-    numerators = exp_avgs if masks is None else torch._foreach_mul(exp_avgs, masks)
-    torch._foreach_addcdiv_(params, numerators, denom, [-lr / (1.0 - beta1**step) for step in steps])
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+def _masked_update_(
+    entries: list[tuple[torch.Tensor, dict[str, Any]]], bool_masks: list[torch.Tensor], group: dict[str, Any]
+) -> None:
+    """The masked update of one group of parameters (see `_adamw_update_`)."""
+    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    params = [param for param, _ in entries]
+    grads = [param.grad for param in params]
+    exp_avgs = [state["exp_avg"] for _, state in entries]
+    exp_avg_sqs = [state["exp_avg_sq"] for _, state in entries]
+    root_corrections, step_sizes = _bias_corrections(entries, group)
+    masks = [mask.to(param.dtype) for param, mask in zip(params, bool_masks)]
+    if weight_decay != 0.0:
+        torch._foreach_addcmul_(params, params, masks, value=-lr * weight_decay)
+    # v += (1 - beta2) * mask * (g^2 - v), then m += (1 - beta1) * mask * (g - m), in scratch buffers a and b.
+    a = torch._foreach_mul(grads, grads)
+    torch._foreach_sub_(a, exp_avg_sqs)
+    torch._foreach_mul_(a, masks)
+    torch._foreach_add_(exp_avg_sqs, a, alpha=1.0 - beta2)
+    b = torch._foreach_sub(grads, exp_avgs)
+    torch._foreach_mul_(b, masks)
+    torch._foreach_add_(exp_avgs, b, alpha=1.0 - beta1)
+    # a <- sqrt(v) / sqrt(1 - beta2^t) + eps; b <- mask * m; theta += step_size * b / a.
+    torch._foreach_copy_(a, exp_avg_sqs)
+    torch._foreach_sqrt_(a)
+    torch._foreach_div_(a, root_corrections)
+    torch._foreach_add_(a, eps)
+    torch._foreach_copy_(b, exp_avgs)
+    torch._foreach_mul_(b, masks)
+    torch._foreach_addcdiv_(params, b, a, step_sizes)
