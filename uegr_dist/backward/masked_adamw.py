@@ -86,9 +86,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         return loss
 
 
-# The masked update works on groups of parameters of about this many elements at a time, so its temporaries (the
-# mask as floats and two scratch buffers) stay this size whatever the model's (a parameter larger than this is one
-# group of its own).
+# The update works on groups of parameters of about this many elements at a time, so its temporaries (the
+# denominator; masked: the mask as floats and two scratch buffers) stay this size whatever the model's (a parameter
+# larger than this is one group of its own).
 MASKED_CHUNK_ELEMENTS = 1 << 23
 
 
@@ -98,21 +98,20 @@ def _adamw_update_(
     """AdamW update of (param, state) pairs in place with foreach ops; masks: bool tensors shaped like the params.
 
     Masked form, written as increments scaled by the mask (m += (1 - beta1) * mask * (g - m), ...), so a False
-    coordinate keeps its parameter and both moments bit for bit. It runs over groups of about MASKED_CHUNK_ELEMENTS
-    elements with two reused scratch buffers per parameter (the gradient is left as it was).
+    coordinate keeps its parameter and both moments bit for bit. Both forms run over groups of about
+    MASKED_CHUNK_ELEMENTS elements (the masked one with two reused scratch buffers per parameter); the gradient is
+    left as it was.
     """
-    if not entries:
-        return
-    if masks is None:
-        _plain_update_(entries, group)
-        return
     chunk: list[int] = []
     size = 0
     for i, (param, _) in enumerate(entries):
         chunk.append(i)
         size += param.numel()
         if size >= MASKED_CHUNK_ELEMENTS or i == len(entries) - 1:
-            _masked_update_([entries[j] for j in chunk], [masks[j] for j in chunk], group)
+            if masks is None:
+                _plain_update_([entries[j] for j in chunk], group)
+            else:
+                _masked_update_([entries[j] for j in chunk], [masks[j] for j in chunk], group)
             chunk, size = [], 0
 
 
