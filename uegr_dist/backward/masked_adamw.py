@@ -108,51 +108,34 @@ def _adamw_update_(
         chunk.append(i)
         size += param.numel()
         if size >= MASKED_CHUNK_ELEMENTS or i == len(entries) - 1:
-            if masks is None:
-                _plain_update_([entries[j] for j in chunk], group)
-            else:
-                _masked_update_([entries[j] for j in chunk], [masks[j] for j in chunk], group)
+            _update_([entries[j] for j in chunk], None if masks is None else [masks[j] for j in chunk], group)
             chunk, size = [], 0
 
 
-def _bias_corrections(
-    entries: list[tuple[torch.Tensor, dict[str, Any]]], group: dict[str, Any]
-) -> tuple[list[float], list[float]]:
-    """Per parameter: sqrt(1 - beta2^t) and -lr / (1 - beta1^t), t its step count (a CPU tensor: no device sync)."""
-    lr, (beta1, beta2) = group["lr"], group["betas"]
-    steps = [state["step"].item() for _, state in entries]
-    return [math.sqrt(1.0 - beta2**t) for t in steps], [-lr / (1.0 - beta1**t) for t in steps]
-
-
-def _plain_update_(entries: list[tuple[torch.Tensor, dict[str, Any]]], group: dict[str, Any]) -> None:
-    """torch.optim.AdamW's in-place form: no full-size temporaries for the moments."""
-    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    params = [param for param, _ in entries]
-    grads = [param.grad for param in params]
-    exp_avgs = [state["exp_avg"] for _, state in entries]
-    exp_avg_sqs = [state["exp_avg_sq"] for _, state in entries]
-    root_corrections, step_sizes = _bias_corrections(entries, group)
-    if weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, root_corrections)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
-
-
-def _masked_update_(
-    entries: list[tuple[torch.Tensor, dict[str, Any]]], bool_masks: list[torch.Tensor], group: dict[str, Any]
+def _update_(
+    entries: list[tuple[torch.Tensor, dict[str, Any]]], bool_masks: list[torch.Tensor] | None, group: dict[str, Any]
 ) -> None:
-    """The masked update of one group of parameters (see `_adamw_update_`)."""
+    """One group of parameters (see `_adamw_update_`). Unmasked: torch.optim.AdamW's in-place form."""
     lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     params = [param for param, _ in entries]
     grads = [param.grad for param in params]
     exp_avgs = [state["exp_avg"] for _, state in entries]
     exp_avg_sqs = [state["exp_avg_sq"] for _, state in entries]
-    root_corrections, step_sizes = _bias_corrections(entries, group)
+    # Bias corrections from each parameter's step count (a CPU tensor: no device sync).
+    steps = [state["step"].item() for _, state in entries]
+    root_corrections = [math.sqrt(1.0 - beta2**t) for t in steps]
+    step_sizes = [-lr / (1.0 - beta1**t) for t in steps]
+    if bool_masks is None:
+        if weight_decay != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, root_corrections)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+        return
     masks = [mask.to(param.dtype) for param, mask in zip(params, bool_masks)]
     if weight_decay != 0.0:
         torch._foreach_addcmul_(params, params, masks, value=-lr * weight_decay)
