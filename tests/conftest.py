@@ -134,6 +134,19 @@ def victim_dir(tmp_path_factory) -> Path:
         torch.set_num_threads(threads)
 
 
+def method_preset(name: str, easy_task: dict[str, Path], out: Path, method: dict | None = None, **train: object):
+    """configs/methods/<name>.yaml with the tiny model and task swapped in; its method section untouched, or with
+    `method` merged over it; `train` updates the train section."""
+    from uegr_dist.config import load_config
+
+    tiny_cfg = tiny_run_overrides("bert", easy_task, out)
+    tiny_cfg.pop("method")
+    if method is not None:
+        tiny_cfg["method"] = method
+    tiny_cfg["train"].update(train)
+    return load_config(Path(__file__).resolve().parents[1] / "configs" / "methods" / f"{name}.yaml", tiny_cfg)
+
+
 def run_reaped(command: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """`subprocess.run(command, capture_output=True, text=True, timeout=timeout)` that, on timeout, also kills every
     process the command started. `accelerate launch` starts its ranks in sessions of their own (torch elastic), so

@@ -103,13 +103,13 @@ def test_invalid_masks_and_hyperparameters_raise() -> None:
 
 
 def test_update_is_the_same_in_any_grouping(monkeypatch) -> None:
-    """The update runs over groups of about MASKED_CHUNK_ELEMENTS elements (bounded temporaries): groups cut between
+    """The update runs over groups of about UPDATE_CHUNK_ELEMENTS elements (bounded temporaries): groups cut between
     every parameter give the same bits as one group of all, with and without masks."""
     import uegr_dist.backward.masked_adamw as module
 
     results = []
     for chunk in (1 << 30, 1):
-        monkeypatch.setattr(module, "MASKED_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(module, "UPDATE_CHUNK_ELEMENTS", chunk)
         params = make_params()
         opt = MaskedAdamW(groups(params), **HYPER)
         gen = torch.Generator().manual_seed(3)

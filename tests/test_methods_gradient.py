@@ -8,13 +8,12 @@ import contextlib
 import copy
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import tiny_dropout_free_model, tiny_run_overrides
+from tests.conftest import method_preset, tiny_dropout_free_model, tiny_run_overrides
 from uegr_dist.backward import MaskedAdamW
 from uegr_dist.config import ConfigError, load_config
 from uegr_dist.engine.train_loop import train
@@ -518,14 +517,11 @@ GRADIENT_PRESETS = {
 def test_gradient_method_presets_load_and_train(preset, easy_task, tmp_path, fresh_accelerator_state):
     """Each ready config of configs/methods is the documented defaults plus what its comment says, and trains."""
     name, changed = GRADIENT_PRESETS[preset]
-    tiny_cfg = tiny_run_overrides("bert", easy_task, tmp_path / "run", train__save_model=False, train__max_steps=2)
-    tiny_cfg.pop("method")
-    path = Path(__file__).resolve().parents[1] / "configs" / "methods" / f"{preset}.yaml"
-    cfg = load_config(path, tiny_cfg)
+    run = {"save_model": False, "max_steps": 2}
+    cfg = method_preset(preset, easy_task, tmp_path / "run", **run)
     assert cfg.method == load_config(None, {"method": {"name": name, **changed}}).method
     if name == "mat":  # the paper's 20 SGLD steps are for real runs; the tiny run checks the rest of the preset
-        tiny_cfg["method"] = {"mat": {"k_theta": 2}}
-        cfg = load_config(path, tiny_cfg)
+        cfg = method_preset(preset, easy_task, tmp_path / "run", method={"mat": {"k_theta": 2}}, **run)
     result = train(cfg)
     losses = [entry["loss"] for entry in result.metrics["train_loss"]]
     assert result.metrics["method"] == name and result.metrics["train"]["steps"] == 2

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from tests.conftest import TINY_MODELS, tiny_run_overrides
+from tests.conftest import TINY_MODELS, method_preset, tiny_run_overrides
 from uegr_dist.config import ConfigError, load_config
 from uegr_dist.engine.train_loop import train
 from uegr_dist.forward import install_chunk_dropout
@@ -25,7 +24,6 @@ from uegr_dist.methods.uegr import stacked_row_keys
 from uegr_dist.rng import keyed_uniform, mix_key
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REPO = Path(__file__).resolve().parents[1]
 SEED = 5
 
 
@@ -503,17 +501,9 @@ def test_method_learns_easy_task_through_train(name, easy_task, tmp_path):
 # ---------------------------------------------------------------- presets
 
 
-def preset(name: str, easy_task, out: Path, **extra):
-    """A preset from configs/methods with the tiny model and task swapped in (method section untouched)."""
-    tiny_cfg = tiny_run_overrides("bert", easy_task, out)
-    tiny_cfg.pop("method")
-    tiny_cfg["train"].update(extra)
-    return load_config(REPO / "configs" / "methods" / f"{name}.yaml", tiny_cfg)
-
-
 @pytest.mark.parametrize("name", ["rdrop", "freelb", "smart", "hype", "asa"])
 def test_peer_presets_load_with_the_documented_defaults(name, easy_task, tmp_path):
-    cfg = preset(name, easy_task, tmp_path)
+    cfg = method_preset(name, easy_task, tmp_path)
     defaults = load_config(None, {"method": {"name": name}}).method
     assert cfg.method == defaults
 
@@ -533,7 +523,7 @@ def uegr_loss_logs(cfg, steps: int = 1):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_uegr_k_presets(k, easy_task, tmp_path):
-    cfg = preset(f"uegr-k{k}", easy_task, tmp_path)
+    cfg = method_preset(f"uegr-k{k}", easy_task, tmp_path)
     assert cfg.method.dropout.k == k
     method, (logs,) = uegr_loss_logs(cfg)
     assert method.n_chunks == k + 1 and len(method.schedule.rates(0)) == k
@@ -544,19 +534,19 @@ def test_uegr_k_presets(k, easy_task, tmp_path):
 
 
 def test_uegr_no_adversary_preset_has_zero_delta(easy_task, tmp_path):
-    cfg = preset("uegr-no-adversary", easy_task, tmp_path)
+    cfg = method_preset("uegr-no-adversary", easy_task, tmp_path)
     method, _ = uegr_loss_logs(cfg)
     batch = make_batch(num_labels=2)
     embeds = method.embeddings(batch["input_ids"])
     assert method._adversarial_delta(batch, embeds, 0, keyed=True) is None  # delta = 0, no ascent pass
     # ... while the default adversary moves the embeddings.
-    default, _ = uegr_loss_logs(preset("uegr-k2", easy_task, tmp_path))
+    default, _ = uegr_loss_logs(method_preset("uegr-k2", easy_task, tmp_path))
     delta = default._adversarial_delta(batch, default.embeddings(batch["input_ids"]), 0, keyed=True)
     assert delta is not None and delta.abs().sum() > 0
 
 
 def test_uegr_no_js_preset_drops_the_consistency_term(easy_task, tmp_path):
-    cfg = preset("uegr-no-js", easy_task, tmp_path)
+    cfg = method_preset("uegr-no-js", easy_task, tmp_path)
     _, (logs,) = uegr_loss_logs(cfg)
     assert logs["consistency"] > 0  # still measured ...
     expected = logs["task_loss"] + cfg.method.alpha * logs["adv_loss"]
@@ -564,22 +554,22 @@ def test_uegr_no_js_preset_drops_the_consistency_term(easy_task, tmp_path):
 
 
 def test_uegr_no_mask_preset_updates_every_coordinate(easy_task, tmp_path):
-    cfg = preset("uegr-no-mask", easy_task, tmp_path)
+    cfg = method_preset("uegr-no-mask", easy_task, tmp_path)
     method, (logs,) = uegr_loss_logs(cfg)
     assert method.masker is None and not method.masks_gradients and "mask_kept_fraction" not in logs
-    masked, (masked_logs,) = uegr_loss_logs(preset("uegr-k2", easy_task, tmp_path))
+    masked, (masked_logs,) = uegr_loss_logs(method_preset("uegr-k2", easy_task, tmp_path))
     assert masked_logs["mask_kept_fraction"] == pytest.approx(0.3, abs=0.01)
 
 
 def test_uegr_fixed_and_adaptive_dropout_presets(easy_task, tmp_path):
-    fixed = preset("uegr-fixed-dropout", easy_task, tmp_path)
+    fixed = method_preset("uegr-fixed-dropout", easy_task, tmp_path)
     method, _ = uegr_loss_logs(fixed, steps=3)
     assert method.schedule.rates(0) == method.schedule.rates(7) == pytest.approx([0.05, 0.3])
-    adaptive = preset("uegr-adaptive-dropout", easy_task, tmp_path)
+    adaptive = method_preset("uegr-adaptive-dropout", easy_task, tmp_path)
     assert adaptive.method.dropout.schedule == "adaptive"
     method, outs = uegr_loss_logs(adaptive, steps=3)
     # The controller moved the range: measured JS of the tiny model is far from target_js = 0.05.
-    redraw, _ = uegr_loss_logs(preset("uegr-k2", easy_task, tmp_path), steps=3)
+    redraw, _ = uegr_loss_logs(method_preset("uegr-k2", easy_task, tmp_path), steps=3)
     assert method.schedule.rates(3) != pytest.approx(redraw.schedule.rates(3))
 
 

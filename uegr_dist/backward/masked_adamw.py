@@ -89,7 +89,7 @@ class MaskedAdamW(torch.optim.Optimizer):
 # The update works on groups of parameters of about this many elements at a time, so its temporaries (the
 # denominator; masked: the mask as floats and two scratch buffers) stay this size whatever the model's (a parameter
 # larger than this is one group of its own).
-MASKED_CHUNK_ELEMENTS = 1 << 23
+UPDATE_CHUNK_ELEMENTS = 1 << 23
 
 
 def _adamw_update_(
@@ -99,7 +99,7 @@ def _adamw_update_(
 
     Masked form, written as increments scaled by the mask (m += (1 - beta1) * mask * (g - m), ...), so a False
     coordinate keeps its parameter and both moments bit for bit. Both forms run over groups of about
-    MASKED_CHUNK_ELEMENTS elements (the masked one with two reused scratch buffers per parameter); the gradient is
+    UPDATE_CHUNK_ELEMENTS elements (the masked one with two reused scratch buffers per parameter); the gradient is
     left as it was.
     """
     chunk: list[int] = []
@@ -107,7 +107,7 @@ def _adamw_update_(
     for i, (param, _) in enumerate(entries):
         chunk.append(i)
         size += param.numel()
-        if size >= MASKED_CHUNK_ELEMENTS or i == len(entries) - 1:
+        if size >= UPDATE_CHUNK_ELEMENTS or i == len(entries) - 1:
             _update_([entries[j] for j in chunk], None if masks is None else [masks[j] for j in chunk], group)
             chunk, size = [], 0
 
