@@ -14,7 +14,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from uegr_dist.config import ConfigError, MethodConfig
-from uegr_dist.forward import symmetric_kl
+from uegr_dist.forward import at_least_float32, symmetric_kl
 from uegr_dist.forward.chunk_dropout import SUPPORTED_ATTENTION, _model_configs, _original_attention
 from uegr_dist.methods.base import Method, MethodContext, StepOutput, model_inputs, task_loss
 
@@ -66,12 +66,14 @@ def self_attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def additive_mask(attention_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """transformers' attention mask (bool, True = attend, or additive float; [B, 1, S, S] or None) as float32."""
+    """transformers' attention mask (bool, True = attend, or additive float; [B, 1, S, S] or None) as an additive
+    float32 mask (float64 for a float64 `like`)."""
+    dtype = at_least_float32(like).dtype
     if attention_mask is None:
-        return torch.zeros((), dtype=torch.float32, device=like.device)
+        return torch.zeros((), dtype=dtype, device=like.device)
     if attention_mask.dtype == torch.bool:
-        return torch.where(attention_mask, 0.0, torch.finfo(torch.float32).min).float()
-    return attention_mask.float()
+        return torch.where(attention_mask, 0.0, torch.finfo(torch.float32).min).to(dtype)
+    return attention_mask.to(dtype)
 
 
 class ASA(Method):
@@ -131,10 +133,11 @@ class ASA(Method):
         rows, length = hidden.shape[0] // 2, hidden.shape[1]
         heads, size = module.num_attention_heads, module.attention_head_size
         adv_hidden = hidden[rows:].detach()
-        query = module.query(adv_hidden).view(rows, length, heads, size).transpose(1, 2).float()
-        key = module.key(adv_hidden).view(rows, length, heads, size).transpose(1, 2).float()
+        query = module.query(adv_hidden).view(rows, length, heads, size).transpose(1, 2)
+        key = module.key(adv_hidden).view(rows, length, heads, size).transpose(1, 2)
+        query, key = at_least_float32(query), at_least_float32(key)
         scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # [B, H, S, S]
-        token = self._token_mask.to(device=hidden.device, dtype=torch.float32)
+        token = self._token_mask.to(device=hidden.device, dtype=scores.dtype)
         mask = straight_through_mask(scores) * token[:, None, None, :]
         per_query = mask.sum(dim=-1)  # [B, H, S] masked real keys per query
         weight = token[:, None, :].expand_as(per_query)
@@ -155,7 +158,7 @@ class ASA(Method):
         clean, adversarial = logits.view(2, labels.shape[0], -1)
         task = task_loss(clean, labels)
         if clean.shape[-1] == 1:
-            divergence = (clean[:, 0].float() - adversarial[:, 0].float()).pow(2).mean()
+            divergence = (at_least_float32(clean[:, 0]) - at_least_float32(adversarial[:, 0])).pow(2).mean()
         else:
             divergence = 0.5 * symmetric_kl(clean, adversarial).mean()
         budget = torch.stack(budgets).mean()

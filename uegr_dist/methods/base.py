@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uegr_dist.forward.divergence import at_least_float32
+
 NON_MODEL_KEYS = ("labels", "sample_id")
 
 
@@ -20,8 +22,9 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """logits [B, C], labels [B] -> mean cross-entropy; C == 1 means regression (MSE on logits[:, 0])."""
     if logits.shape[-1] == 1:
-        return F.mse_loss(logits[:, 0].float(), labels.float())
-    return F.cross_entropy(logits.float(), labels)
+        preds = at_least_float32(logits[:, 0])
+        return F.mse_loss(preds, labels.to(preds.dtype))
+    return F.cross_entropy(at_least_float32(logits), labels)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from uegr_dist.config import MethodConfig
-from uegr_dist.forward import install_chunk_dropout, symmetric_kl
+from uegr_dist.forward import at_least_float32, install_chunk_dropout, symmetric_kl
 from uegr_dist.methods.base import Method, MethodContext, StepOutput, model_inputs, task_loss
 from uegr_dist.methods.uegr import stacked_row_keys
 from uegr_dist.rng import mix_key
@@ -18,7 +18,7 @@ from uegr_dist.rng import mix_key
 def pair_disagreement(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """first, second [B, C] -> [B]: 0.5 * (KL(p1||p2) + KL(p2||p1)); for regression (C = 1) the squared difference."""
     if first.shape[-1] == 1:
-        return (first[:, 0].float() - second[:, 0].float()).pow(2)
+        return (at_least_float32(first[:, 0]) - at_least_float32(second[:, 0])).pow(2)
     return 0.5 * symmetric_kl(first, second)
 
 

@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 from uegr_dist.backward import is_deepspeed_engine
 from uegr_dist.config import ConfigError, MethodConfig
-from uegr_dist.forward import symmetric_kl
+from uegr_dist.forward import at_least_float32, symmetric_kl
 from uegr_dist.methods.base import Method, MethodContext, StepOutput, task_loss
 from uegr_dist.methods.noise import embedding_inputs, noise_row_keys, normal_noise
 from uegr_dist.rng import mix_key
@@ -28,9 +28,9 @@ def ascent_divergence(perturbed: torch.Tensor, target: torch.Tensor) -> torch.Te
     squared error. Summed, not averaged, over the batch: each example's gradient (hence its ascent step, whose
     normalization has the additive norm_eps) then does not depend on how many examples share its micro-batch."""
     if perturbed.shape[-1] == 1:
-        return (perturbed[:, 0].float() - target[:, 0].float()).pow(2).sum()
-    log_p = torch.log_softmax(perturbed.float(), dim=-1)
-    log_q = torch.log_softmax(target.float(), dim=-1)
+        return (at_least_float32(perturbed[:, 0]) - at_least_float32(target[:, 0])).pow(2).sum()
+    log_p = torch.log_softmax(at_least_float32(perturbed), dim=-1)
+    log_q = torch.log_softmax(at_least_float32(target), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum()
 
 
@@ -38,7 +38,7 @@ def smoothness(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
     """clean, perturbed [B, C] -> scalar: mean_b [KL(sg P_clean || P_pert) + KL(sg P_pert || P_clean)]; regression:
     mean squared difference."""
     if clean.shape[-1] == 1:
-        return (clean[:, 0].float() - perturbed[:, 0].float()).pow(2).mean()
+        return (at_least_float32(clean[:, 0]) - at_least_float32(perturbed[:, 0])).pow(2).mean()
     return symmetric_kl(clean, perturbed, stop_gradient_targets=True).mean()
 
 

@@ -36,7 +36,7 @@ def consistency(sub_logits: torch.Tensor) -> torch.Tensor:
     """sub_logits [K, B, C] -> scalar: mean generalized JS divergence, or for regression (C = 1) the mean variance of
     the K predictions."""
     if sub_logits.shape[-1] == 1:
-        return prediction_variance(sub_logits[..., 0].float()).mean()
+        return prediction_variance(sub_logits[..., 0]).mean()
     return js_divergence(sub_logits).mean()
 
 
