@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from benchmarks import report
 from benchmarks.common import PRESETS, PeakMemory, StageTimer, machine_info, peak_rss_bytes, run_config
-from uegr_dist.methods import METHODS
+from uegr_dist.config.registry import METHOD_NAMES as METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = ("single", "ddp", "zero1", "zero2", "zero3")

@@ -10,7 +10,7 @@ noise hits them alike). Variants:
 
 - `plain-accelerate`: vanilla fine-tuning written as accelerate's NLP example (forward, `accelerator.backward`,
   clip, AdamW, scheduler), the floor for what our loop costs;
-- every name in `--methods` (default vanilla, uegr; any method of `uegr_dist.methods.METHODS` joins by name):
+- every name in `--methods` (default vanilla, uegr; any method of `uegr_dist.config.registry` joins by name):
   the real `uegr_dist.engine.train_loop.train()`;
 - `naive-uegr` (when uegr is benchmarked): benchmarks/naive_uegr.py, K + 1 sequential forwards, a Python-loop
   mask with a full-gradient torch.topk, a per-tensor AdamW.
@@ -26,13 +26,14 @@ around the calls (nothing in the package is edited):
 - forward: the method's `loss` minus the adversary (stacked forward, losses); naive: the K + 1 forwards + losses;
 - backward: `accelerator.backward` (the rest of `forward_backward`); under DeepSpeed the engine step runs inside it,
   and the masking and optimizer time measured there are moved to their own stages;
-- saliency_mask: `transform_gradients` (scores, top-k selection, zeroing; masks to MaskedAdamW) or, under ZeRO,
-  `ZeroGradientMasker.compute_masks`;
-- optimizer: the inner optimizer's `step` (MaskedAdamW / AdamW);
+- saliency_mask: the optimizer's mask, `GradientMasker.apply_` (scores, top-k selection, zeroing) inside
+  `SelectiveAdamW.step`, or under ZeRO `ZeroGradientMasker.compute_masks` at the ZeRO step's entry;
+- optimizer: the rest of `SelectiveAdamW.step` (clipping and the masked AdamW update; under ZeRO the update of each
+  partition);
 - communication (several processes only; part of the stage it runs in): wall time inside torch.distributed
   collectives called from Python (DeepSpeed's reductions, the masking all-reduces), and under DDP the time from
   issuing each bucket's all-reduce to its completion (a comm hook; this overlaps the backward);
-- other: step minus the stages above (data loading, clipping, scheduler, zero_grad, logging).
+- other: step minus the stages above (data loading, scheduler, zero_grad, logging).
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` over the run; on CPU the peak resident set size sampled every
 10 ms minus the RSS when the run started (model, optimizer state, gradients, activations of that run).
@@ -52,6 +53,7 @@ import shlex
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,11 +78,13 @@ from benchmarks.common import (
     synchronize,
 )
 from benchmarks.naive_uegr import NaiveUEGR
-from uegr_dist.backward import ZeroGradientMasker
+from uegr_dist.backward import SelectiveAdamW, ZeroGradientMasker
 from uegr_dist.config import Config, load_config
+from uegr_dist.config.registry import METHOD_NAMES as METHODS
 from uegr_dist.data.text_classification import PaddingCollator
+from uegr_dist.engine import setup as run_setup
 from uegr_dist.engine import train_loop
-from uegr_dist.methods import METHODS, Method, model_inputs
+from uegr_dist.methods import Method, model_inputs
 from uegr_dist.modeling import load_model
 
 PLAIN, NAIVE = "plain-accelerate", "naive-uegr"
@@ -174,16 +178,11 @@ def _instrument(method: Method, timer: StageTimer, device: str) -> None:
     """Time the stages of `method` inside the real loop (instance attributes: the class is left alone)."""
     original_forward_backward, original_setup = method.forward_backward, method.setup
     _wrap(method, "loss", timer, "objective")
-    _wrap(method, "transform_gradients", timer, "saliency_mask")
     if hasattr(method, "_adversarial_delta"):
         _wrap(method, "_adversarial_delta", timer, "adversary")
 
     def setup(ctx: Any) -> None:
         original_setup(ctx)
-        _wrap(_inner_optimizer(ctx.optimizer), "step", timer, "optimizer")
-        masker = getattr(method, "masker", None)
-        if isinstance(masker, ZeroGradientMasker):
-            _wrap(masker, "compute_masks", timer, "saliency_mask")
         if isinstance(ctx.model, torch.nn.parallel.DistributedDataParallel):
             _time_ddp_allreduce(ctx.model, timer)
 
@@ -202,22 +201,56 @@ def _instrument(method: Method, timer: StageTimer, device: str) -> None:
     method.forward_backward = forward_backward  # type: ignore[method-assign]
 
 
+def _instrument_optimizer(optimizer: SelectiveAdamW, timer: StageTimer, device: str) -> None:
+    """Time the backward stage run by the optimizer: the mask (`GradientMasker.apply_`, or under ZeRO
+    `ZeroGradientMasker.compute_masks`) as saliency_mask, the rest of `SelectiveAdamW.step` (clipping, the AdamW
+    update; under ZeRO the update of each partition) as optimizer."""
+    original_attach, original_step = optimizer.attach, optimizer.step
+
+    def attach(backend: Any) -> None:
+        original_attach(backend)
+        if isinstance(optimizer.masker, ZeroGradientMasker):
+            _wrap(optimizer.masker, "compute_masks", timer, "saliency_mask")
+        elif optimizer.masker is not None:
+            _wrap(optimizer.masker, "apply_", timer, "saliency_mask")
+
+    def step(self: SelectiveAdamW, *args: Any, **kwargs: Any) -> Any:
+        masked_before = timer.steps[-1].get("saliency_mask", 0.0) if timer.steps else 0.0
+        synchronize(device)
+        tic = time.perf_counter()
+        result = original_step(*args, **kwargs)
+        synchronize(device)
+        masked = (timer.steps[-1].get("saliency_mask", 0.0) if timer.steps else 0.0) - masked_before
+        timer.add("optimizer", time.perf_counter() - tic - masked)
+        return result
+
+    optimizer.attach = attach  # type: ignore[method-assign]
+    # A bound method: the LR scheduler built next wraps optimizer.step through its __func__.
+    optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
+
+
 def instrumented_train(cfg: Config, timer: StageTimer, device: str = "cpu") -> dict[str, Any]:
-    """Run `train_loop.train(cfg)` with the method's stages timed into `timer`; returns the run's metrics."""
-    original_build = train_loop.build_method
+    """Run `train_loop.train(cfg)` with the method's and the optimizer's stages timed into `timer`; returns the
+    run's metrics."""
+    original_build, original_optimizer = run_setup.build_method, run_setup.build_optimizer
 
     def build(method_cfg: Any) -> Method:
         method = original_build(method_cfg)
         _instrument(method, timer, device)
         return method
 
-    train_loop.build_method = build
+    def build_optimizer(*args: Any, **kwargs: Any) -> SelectiveAdamW:
+        optimizer = original_optimizer(*args, **kwargs)
+        _instrument_optimizer(optimizer, timer, device)
+        return optimizer
+
+    run_setup.build_method, run_setup.build_optimizer = build, build_optimizer
     undo = _time_collectives(timer) if dist.is_available() else (lambda: None)
     try:
         return train_loop.train(cfg).metrics
     finally:
         undo()
-        train_loop.build_method = original_build
+        run_setup.build_method, run_setup.build_optimizer = original_build, original_optimizer
 
 
 def stage_breakdown(records: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -238,7 +271,7 @@ def stage_breakdown(records: Sequence[dict[str, float]]) -> dict[str, float]:
 
 def _task_and_model(cfg: Config) -> tuple[Any, Any, DataLoader]:
     """The tokenizer, model and training loader `train()` would build for this config (same data and weights)."""
-    tokenizer, task = train_loop.load_task(cfg)
+    tokenizer, task = run_setup.load_task(cfg)
     model = load_model(cfg.model, tokenizer, task.num_labels, task.id2label, cfg.train.seed)
     collate = PaddingCollator(tokenizer, task.regression, max_length=cfg.data.max_length)
     generator = torch.Generator().manual_seed(cfg.train.seed)

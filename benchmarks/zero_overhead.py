@@ -16,7 +16,7 @@ at run time only (the package is not edited):
 - `torch.distributed` collectives while the masking code runs: numel * element_size summed per step;
 - at the last measured step, the tensors each rank holds (see `memory_snapshot`) and its peak RSS.
 
-Under DDP (no ZeRO masker) the mask is built by `GradientMasker` in `UEGR.transform_gradients`; that call is timed.
+Under DDP (no ZeRO masker) the mask is built by `GradientMasker.apply_` inside `SelectiveAdamW.step` (timed).
 Rank 0 prints one JSON line (all ranks' numbers) and appends it to --out when given.
 """
 
@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.common import machine_info, peak_rss_bytes, run_config
-from uegr_dist.backward import ZeroGradientMasker
+from uegr_dist.backward import GradientMasker, SelectiveAdamW, ZeroGradientMasker
 from uegr_dist.config import load_config
 from uegr_dist.engine.train_loop import train
 from uegr_dist.methods.uegr import UEGR
@@ -157,6 +157,7 @@ class Recorder:
         self.select_seconds: dict[int, float] = {}
         self.memory: dict[str, dict[str, Any]] = {}
         self.ctx: Any = None
+        self.optimizer: Any = None
         self.step = 0
         self.stage = "ddp"
 
@@ -165,7 +166,8 @@ class Recorder:
 
     def snapshot(self, where: str) -> None:
         if self.step == self.last_step and self.ctx is not None:
-            snap = memory_snapshot(self.ctx.model, self.ctx.optimizer)
+            # The optimizer whose state counts: DeepSpeed's ZeRO optimizer (its inner one is ours), or ours.
+            snap = memory_snapshot(self.ctx.model, getattr(self.ctx.model, "optimizer", self.optimizer))
             roles = ("param", "optimizer_state", "grad", "other_zero")
             # Called once per parameter group in the inner step: keep the largest.
             if where not in self.memory or sum(snap[r] for r in roles) > sum(self.memory[where][r] for r in roles):
@@ -174,7 +176,7 @@ class Recorder:
     def install(self) -> None:
         rec = self
         original_loss, original_setup = UEGR.loss, UEGR.setup
-        original_transform = UEGR.transform_gradients
+        original_attach, original_apply = SelectiveAdamW.attach, GradientMasker.apply_
         original_compute, original_hooks = ZeroGradientMasker.compute_masks, ZeroGradientMasker._install_hooks
 
         def loss(self: UEGR, model, batch, step, micro_step):
@@ -186,18 +188,20 @@ class Recorder:
             rec.ctx = ctx
             return original_setup(self, ctx)
 
-        def transform_gradients(self: UEGR, step: int):
-            if isinstance(self.masker, ZeroGradientMasker):
-                return original_transform(self, step)
+        def attach(self: SelectiveAdamW, backend):
+            rec.optimizer = self
+            return original_attach(self, backend)
+
+        def apply_(self: GradientMasker, step=None):
             rec.snapshot("after_backward")  # DDP: all-reduced gradients in p.grad, optimizer state from earlier steps
             tic = time.perf_counter()
             with rec.count_collectives():
-                out = original_transform(self, step)
+                out = original_apply(self, step)
             rec.add_time(time.perf_counter() - tic)
             return out
 
         def compute_masks(self: ZeroGradientMasker):
-            rec.stage = type(self.zopt).__name__
+            rec.stage = type(self.engine.optimizer).__name__
             tic = time.perf_counter()
             with rec.count_collectives():
                 out = original_compute(self)
@@ -229,12 +233,13 @@ class Recorder:
 
             self.inner.step = timed_hooked
 
-        UEGR.loss, UEGR.setup, UEGR.transform_gradients = loss, setup, transform_gradients
+        UEGR.loss, UEGR.setup = loss, setup
+        SelectiveAdamW.attach, GradientMasker.apply_ = attach, apply_
         ZeroGradientMasker.compute_masks, ZeroGradientMasker._install_hooks = compute_masks, install_hooks
 
-        import uegr_dist.backward.zero_masking as zm
+        import uegr_dist.backward.masking as masking
 
-        original_select = zm.select_top_k
+        original_select = masking.select_top_k
 
         def select_top_k(*a, **k):
             tic = time.perf_counter()
@@ -242,7 +247,7 @@ class Recorder:
             rec.select_seconds[rec.step] = rec.select_seconds.get(rec.step, 0.0) + time.perf_counter() - tic
             return out
 
-        zm.select_top_k = select_top_k
+        masking.select_top_k = select_top_k
 
     def count_collectives(self):
         rec = self

@@ -47,6 +47,30 @@ def tiny_dropout_free_model(arch: str = "bert", seed: int = 0) -> torch.nn.Modul
     return AutoModelForSequenceClassification.from_config(cfg).train()
 
 
+def method_context(model, optimizer=None, *, seed: int = 0, named=None, data=None, num_processes: int = 1):
+    """The MethodContext of a one-process run of `model` (no wrapper): trainable parameters in model order (or
+    `named`), a local backend whose update runs in `optimizer` (a SelectiveAdamW for methods with a before-update
+    hook, SAM). num_processes > 1: a backend that reports that many processes (for maths that divides by it; it
+    must not be asked to reduce)."""
+    from uegr_dist.engine.backend import LocalBackend
+    from uegr_dist.methods import MethodContext
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if named is None else named
+    backend = LocalBackend(num_processes, 0, torch.device("cpu"), optimizer)
+    return MethodContext(model, model, named, backend, seed, data)
+
+
+def zero3_backend():
+    """A backend that reports DeepSpeed ZeRO-3 (parameters partitioned), for start-up refusals."""
+    from uegr_dist.engine.backend import Backend
+
+    class Zero3Backend(Backend):
+        zero_stage = 3
+        steps_in_backward = True
+
+    return Zero3Backend(1, 0, torch.device("cpu"))
+
+
 def write_easy_task(path: Path, n: int, seed: int) -> Path:
     """JSONL rows labelled 'pos' / 'neg' whose words come 80% from the label's own word list (learnable in a few
     dozen steps by a tiny random model)."""

@@ -13,10 +13,10 @@ import torch
 from benchmarks import throughput
 from benchmarks.common import flops_per_token, model_shape
 from benchmarks.naive_uegr import NaiveUEGR, no_weight_decay
-from tests.conftest import tiny_dropout_free_model
-from uegr_dist.backward import MaskedAdamW
+from tests.conftest import method_context, tiny_dropout_free_model
+from uegr_dist.backward import SelectiveAdamW
 from uegr_dist.config import load_config
-from uegr_dist.methods import UEGR, MethodContext
+from uegr_dist.methods.uegr import UEGR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,11 +59,11 @@ def test_naive_reference_matches_fast_uegr(arch, scope, saliency, exclude):
         {"params": [p for n, p in named if not no_weight_decay(n, p)], "weight_decay": weight_decay},
         {"params": [p for n, p in named if no_weight_decay(n, p)], "weight_decay": 0.0},
     ]
-    optimizer = MaskedAdamW(groups, lr=lr)
-    order = {id(p): n for n, p in named}
-    canonical = [(order[id(p)], p) for g in optimizer.param_groups for p in g["params"]]
     fast = UEGR(method_cfg)
-    fast.setup(MethodContext(fast_model, fast_model, optimizer, canonical, seed=3))
+    order = {id(p): n for n, p in named}
+    named_groups = [{**g, "params": [(order[id(p)], p) for p in g["params"]]} for g in groups]
+    optimizer = SelectiveAdamW(named_groups, lr=lr, mask=fast.gradient_mask(3), max_grad_norm=clip)
+    fast.setup(method_context(fast_model, optimizer, seed=3, named=optimizer.named_parameters))
     naive = NaiveUEGR(naive_model, method_cfg, lr=lr, weight_decay=weight_decay, max_grad_norm=clip, seed=3)
 
     for step in range(3):
@@ -71,15 +71,13 @@ def test_naive_reference_matches_fast_uegr(arch, scope, saliency, exclude):
         torch.manual_seed(100 + step)
         fast_loss = fast.loss(fast_model, batch, step, step).loss
         fast_loss.backward()
-        fast.transform_gradients(step)
-        torch.nn.utils.clip_grad_norm_(fast_model.parameters(), clip)
-        optimizer.step()
+        optimizer.step()  # mask -> clip -> update
         fast_model.zero_grad(set_to_none=True)
         torch.manual_seed(100 + step)
         naive_loss = naive.step(batch, step)
 
         assert math.isclose(fast_loss.item(), naive_loss, rel_tol=1e-5), step
-        fast_masks = {order[id(p)]: m for p, m in fast.masker.update_masks().items()}
+        fast_masks = {order[id(p)]: m for p, m in optimizer.masker.update_masks().items()}
         assert sorted(fast_masks) == sorted(naive.last_masks)
         differing = sum(int((fast_masks[n] != naive.last_masks[n]).sum()) for n in fast_masks)
         assert differing == 0, f"step {step}: {differing} coordinates kept by one implementation only"

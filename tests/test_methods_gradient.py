@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import method_preset, tiny_dropout_free_model, tiny_run_overrides
-from uegr_dist.backward import MaskedAdamW
+from tests.conftest import method_context, method_preset, tiny_dropout_free_model, tiny_run_overrides, zero3_backend
+from uegr_dist.backward import SelectiveAdamW
 from uegr_dist.config import ConfigError, load_config
 from uegr_dist.engine.train_loop import train
-from uegr_dist.methods import MethodContext, build_method
+from uegr_dist.methods import TrainingData, build_method
 from uegr_dist.methods.childtuning_f import CHILDTUNING_F_STREAM
 from uegr_dist.methods.mat import _THETA_NOISE_STREAM as MAT_THETA_NOISE_STREAM
 from uegr_dist.methods.roast import ROAST_STREAM
@@ -74,24 +74,17 @@ def run_method(method_cfg: dict, batches: list[dict], steps_per_epoch: int = 100
     model = tiny_model()
     cfg = load_config(None, {"method": method_cfg}).method
     method = build_method(cfg)
-    optimizer = MaskedAdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    ctx = MethodContext(
-        model,
-        model,
-        optimizer,
-        list(model.named_parameters()),
-        seed=SEED,
-        train_dataset=DATA,
-        collate_fn=collate,
-        steps_per_epoch=steps_per_epoch,
+    optimizer = SelectiveAdamW(
+        model.named_parameters(), lr=LR, weight_decay=WEIGHT_DECAY, mask=method.gradient_mask(SEED)
     )
-    method.setup(ctx)
+    method.setup(method_context(model, optimizer, seed=SEED, data=TrainingData(DATA, collate, steps_per_epoch)))
     losses, logs = [], []
     for step, batch in enumerate(batches):
         result = method.forward_backward(OneProcess(), model, batch, step, step)
-        logs.append(method.transform_gradients(step))
+        optimizer.step()  # masks the gradient in place, then updates
+        stats = optimizer.last_mask_stats
+        logs.append({} if stats is None else {"mask_kept_fraction": stats.keep_fraction})
         logs[-1]["grads"] = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(result.loss.item())
     return model, losses, logs
@@ -416,8 +409,7 @@ def test_mat_skips_a_step_with_a_non_finite_gradient():
     model = tiny_model()
     options = {"name": "mat", "mat": {"k_theta": 3, "eta_theta": 0.05}}
     method = build_method(load_config(None, {"method": options}).method)
-    named = list(model.named_parameters())
-    method.setup(MethodContext(model, model, MaskedAdamW(model.parameters()), named, seed=SEED))
+    method.setup(method_context(model, seed=SEED))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     calls = []
 
@@ -444,9 +436,7 @@ def test_mat_keyed_perturbation_depends_only_on_the_row_and_the_global_batch():
     def delta_bar(batch: dict, num_processes: int) -> torch.Tensor:
         model = tiny_model()
         method = build_method(load_config(None, {"method": {"name": "mat", "rng": "keyed", "mat": options}}).method)
-        ctx = MethodContext(model, model, MaskedAdamW(model.parameters()), list(model.named_parameters()), seed=SEED,
-                            num_processes=num_processes)  # fmt: skip
-        method.setup(ctx)
+        method.setup(method_context(model, seed=SEED, num_processes=num_processes))
         return method._perturbation(batch, micro_step=3)
 
     whole = delta_bar(collate(DATA[:6]), 1)
@@ -457,7 +447,7 @@ def test_mat_keyed_perturbation_depends_only_on_the_row_and_the_global_batch():
     torch.manual_seed(0)
     fast = build_method(load_config(None, {"method": {"name": "mat", "mat": options}}).method)
     model = tiny_model()
-    fast.setup(MethodContext(model, model, MaskedAdamW(model.parameters()), list(model.named_parameters()), seed=SEED))
+    fast.setup(method_context(model, seed=SEED))
     assert not torch.allclose(fast._perturbation(collate(DATA[:6]), micro_step=3)[:3], half)
 
 
@@ -466,28 +456,10 @@ ZERO3_REFUSED = ["sam", "childtuning_d", "roast", "mat"]
 
 @pytest.mark.parametrize("method", ZERO3_REFUSED)
 def test_zero3_is_refused_at_setup(method):
-    deepspeed = pytest.importorskip("deepspeed")
-
-    class ZeroStage3Engine(deepspeed.DeepSpeedEngine):
-        """Stands in for a ZeRO-3 engine: only the stage is asked before the refusal."""
-
-        def __init__(self) -> None:  # no engine is built
-            pass
-
-        def zero_optimization_stage(self) -> int:
-            return 3
-
     model = tiny_model()
-    ctx = MethodContext(
-        ZeroStage3Engine(),
-        model,
-        MaskedAdamW(model.parameters()),
-        list(model.named_parameters()),
-        seed=0,
-        train_dataset=DATA,
-        collate_fn=collate,
-    )
-    with pytest.raises(ConfigError, match=f"method.name = {method}: .*ZeRO-3"):
+    ctx = method_context(model, data=TrainingData(DATA, collate))
+    ctx.backend = zero3_backend()
+    with pytest.raises(ConfigError, match=f"method.name = {method}: .*ZeRO-3 partitions"):
         build_method(load_config(None, {"method": {"name": method}}).method).setup(ctx)
 
 

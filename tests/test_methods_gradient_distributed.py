@@ -22,7 +22,8 @@ from tests.conftest import TINY_MODELS
 from tests.test_zero_masking import REPO, launch, reloaded_state, write_fixed_length_task
 from uegr_dist.config import load_config
 from uegr_dist.config.loading import merge
-from uegr_dist.engine.train_loop import load_task, train
+from uegr_dist.engine.setup import load_task
+from uegr_dist.engine.train_loop import train
 from uegr_dist.modeling import load_model
 
 HELPER = REPO / "tests" / "distributed" / "methods_run.py"

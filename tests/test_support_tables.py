@@ -93,7 +93,7 @@ def covered() -> tuple[dict[tuple[str, str], str], dict[str, dict[str, str]], se
     # losses are checked finite there).
     for run in [*gradient_unit.BF16_ONE_PROCESS, *objective_unit.E2E, *objective_dist.BF16.values()]:
         bf16[run]["one process"] = "default"
-    refused = {(cfg["name"], "zero3") for cfg, _, _ in objective_unit.ZERO3_REFUSALS}
+    refused = {(cfg["name"], "zero3") for cfg, _ in objective_unit.ZERO3_REFUSALS}
     refused |= {(method, "zero3") for method in gradient_unit.ZERO3_REFUSED}
     return exact, bf16, refused
 

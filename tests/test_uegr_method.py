@@ -9,12 +9,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from tests.conftest import TINY_MODELS
-from uegr_dist.backward import MaskedAdamW
+from tests.conftest import TINY_MODELS, method_context
+from uegr_dist.backward import SelectiveAdamW
 from uegr_dist.config import load_config
 from uegr_dist.forward import perturb_embeddings
-from uegr_dist.methods import UEGR, MethodContext
-from uegr_dist.methods.uegr import stacked_row_keys
+from uegr_dist.methods.uegr import UEGR, stacked_row_keys
 from uegr_dist.rng import mix_key
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,8 +41,8 @@ def _batch(num_labels: int = 3, batch: int = 4, seq: int = 9):
 def _method(model, overrides, seed=0):
     cfg = load_config(None, {"method": {"rng": "keyed", **overrides}}).method
     method = UEGR(cfg)
-    optimizer = MaskedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    method.setup(MethodContext(model, model, optimizer, list(model.named_parameters()), seed=seed))
+    optimizer = SelectiveAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1, mask=method.gradient_mask(seed))
+    method.setup(method_context(model, optimizer, seed=seed))
     return method, optimizer
 
 
@@ -135,9 +134,8 @@ def test_selective_update_freezes_masked_and_always_moves_excluded():
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         optimizer.zero_grad()
         method.loss(model, _batch(), step=step, micro_step=step).loss.backward()
-        logs = method.transform_gradients(step)
-        masks = method.masker.update_masks()
-        optimizer.step()
+        optimizer.step()  # scores, selects, updates
+        masks = optimizer.masker.update_masks()
         for name, param in model.named_parameters():
             moved = param.detach() != before[name]
             if name.startswith("classifier"):
@@ -147,4 +145,4 @@ def test_selective_update_freezes_masked_and_always_moves_excluded():
         kept = sum(int(masks[p].sum()) for n, p in model.named_parameters() if not n.startswith("classifier"))
         total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("classifier"))
         assert kept == math.ceil(0.2 * total)
-        assert 0.19 < logs["mask_kept_fraction"] < 0.21
+        assert 0.19 < optimizer.last_mask_stats.keep_fraction < 0.21

@@ -24,7 +24,7 @@ from transformers import AutoModelForSequenceClassification
 
 from tests.conftest import NEGATIVE_WORDS, POSITIVE_WORDS, TINY_MODELS, run_reaped
 from uegr_dist.config import load_config
-from uegr_dist.engine.train_loop import load_task
+from uegr_dist.engine.setup import load_task
 from uegr_dist.modeling import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,7 +219,7 @@ class _Accelerator:
 
 @pytest.mark.parametrize(("given", "masks", "expected"), [("auto", True, 0.0), (1.0, True, 0.0), ("auto", False, 0.5)])
 def test_deepspeed_clipping_is_off_when_masking_and_max_grad_norm_otherwise(given, masks, expected):
-    from uegr_dist.backward import configure_deepspeed_clipping
+    from uegr_dist.engine.backend import configure_deepspeed_clipping
 
     plugin = _Plugin(given)
     configure_deepspeed_clipping(_Accelerator(plugin), 0.5, masks_gradients=masks)

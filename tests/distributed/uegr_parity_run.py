@@ -56,9 +56,11 @@ def kept_positions(masker: GradientMasker | ZeroGradientMasker) -> torch.Tensor:
 
 
 def record_masks(steps: list[dict], checks: dict[str, bool] | None) -> None:
-    """Wrap UEGR.transform_gradients: log the kept set of every step, crash on request, and at the first step run
-    the sharded threshold check when `checks` is given (the run's process group is up then)."""
-    original, original_loss = UEGR.transform_gradients, UEGR.loss
+    """Wrap the gradient maskers (`GradientMasker.apply_` in the optimizer's step, `ZeroGradientMasker.compute_masks`
+    in the ZeRO step): log the kept set of every step, crash on request, and at the first step run the sharded
+    threshold check when `checks` is given (the run's process group is up then). Install after
+    `record_collectives`, so that what this adds is not counted as the masking's collectives."""
+    original_apply, original_compute, original_loss = GradientMasker.apply_, ZeroGradientMasker.compute_masks, UEGR.loss
     seen: list[int] = []
 
     def loss(self: UEGR, model, batch, step, micro_step):
@@ -67,13 +69,14 @@ def record_masks(steps: list[dict], checks: dict[str, bool] | None) -> None:
 
     crash_at = int(os.environ.get("UEGR_TEST_CRASH_AT_STEP", "-1"))
 
-    def transform_gradients(self: UEGR, step: int) -> dict[str, float]:
+    def before(step: int) -> None:
         if step == crash_at and rank() == 1:
             raise RuntimeError(f"injected failure on rank 1 at step {step} (time {time.time():.3f})")
         if checks is not None and not checks:
             checks["threshold_ok"] = check_sharded_threshold()
-        logs = original(self, step)
-        positions = kept_positions(self.masker).numpy()
+
+    def after(masker: GradientMasker | ZeroGradientMasker, step: int) -> None:
+        positions = kept_positions(masker).numpy()
         samples = sorted(gather_objects(list(seen)))
         seen.clear()
         steps.append(
@@ -84,9 +87,23 @@ def record_masks(steps: list[dict], checks: dict[str, bool] | None) -> None:
                 "sha256": hashlib.sha256(positions).hexdigest(),
             }
         )
-        return logs
 
-    UEGR.transform_gradients = transform_gradients
+    def apply_(self: GradientMasker, step: int | None = None):
+        index = self.step if step is None else step
+        before(index)
+        stats = original_apply(self, step)
+        after(self, index)
+        return stats
+
+    def compute_masks(self: ZeroGradientMasker):
+        index = self.step
+        before(index)
+        stats = original_compute(self)
+        after(self, index)
+        return stats
+
+    GradientMasker.apply_ = apply_
+    ZeroGradientMasker.compute_masks = compute_masks
     UEGR.loss = loss
 
 
@@ -164,8 +181,8 @@ def main() -> None:
     steps: list[dict] = []
     sizes: list[int] = []
     checks: dict[str, bool] = {}
-    record_masks(steps, checks if args.check_threshold else None)
     record_collectives(sizes)
+    record_masks(steps, checks if args.check_threshold else None)
     result = train(load_config(args.config))
     report = {"steps": steps, "max_collective_numel": max(sizes, default=0), "num_collectives": len(sizes)}
     report.update(final=result.metrics["final"], **checks)

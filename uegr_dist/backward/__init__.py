@@ -18,7 +18,8 @@ from uegr_dist.backward.radix_select import (
     select_top_k,
 )
 from uegr_dist.backward.saliency import SALIENCY_KINDS, SaliencyScorer
-from uegr_dist.backward.zero_masking import ZeroGradientMasker, configure_deepspeed_clipping, is_deepspeed_engine
+from uegr_dist.backward.selective_adamw import SelectiveAdamW, decay_groups
+from uegr_dist.backward.zero_masking import ZeroGradientMasker
 
 __all__ = [
     "MASK_KINDS",
@@ -30,10 +31,10 @@ __all__ = [
     "MaskedAdamW",
     "RadixThreshold",
     "SaliencyScorer",
+    "SelectiveAdamW",
     "TopK",
     "ZeroGradientMasker",
-    "configure_deepspeed_clipping",
-    "is_deepspeed_engine",
+    "decay_groups",
     "keep_count",
     "radix_select_threshold",
     "relative_rank",

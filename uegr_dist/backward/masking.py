@@ -150,7 +150,10 @@ class MaskOptions:
     (`SaliencyScorer`). soft_temperature: T of the soft keep probability. exclude: regexes (`re.search` on the
     parameter name) of parameters that are never masked; stored as a tuple. seed: keys the soft mask's random
     numbers. selector: a method's own keep rule (`MaskSelector`), replacing hard / soft selection; it may also
-    rescale the kept gradients.
+    rescale the kept gradients. include: a regex (`re.search`) that a masked parameter's name must match (None: every
+    parameter not excluded). freeze_masked: the optimizer leaves dropped coordinates alone (value and Adam moments
+    unchanged: UEGR's selective update); False: only their gradient is zeroed (and the kept ones rescaled), and the
+    optimizer steps every coordinate with its moments ("mask before the Adam moments", ChildTuning / RoAST).
 
     Every option is checked here, once: a bad value raises ValueError naming the option (the `method.mask` config
     key of the same name), the value and what is allowed.
@@ -165,6 +168,8 @@ class MaskOptions:
     exclude: Sequence[str] = ()
     seed: int = 0
     selector: MaskSelector | None = None
+    include: str | None = None
+    freeze_masked: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))  # a config's list must not change under the masker
@@ -177,6 +182,8 @@ class MaskOptions:
         if not self.soft_temperature > 0.0:
             raise ValueError(f"soft_temperature must be > 0, got {self.soft_temperature}")
         exclude_patterns(self.exclude)
+        if self.include is not None:
+            exclude_patterns([self.include])
 
     @classmethod
     def from_config(cls, mask: MaskConfig, *, seed: int, selector: MaskSelector | None = None) -> MaskOptions:
@@ -186,18 +193,24 @@ class MaskOptions:
 
 
 def covered_parameters(
-    named_params: Sequence[tuple[str, torch.nn.Parameter]], exclude: Sequence[str]
+    named_params: Sequence[tuple[str, torch.nn.Parameter]], options: MaskOptions
 ) -> list[tuple[str, torch.nn.Parameter]]:
-    """The (name, parameter) pairs a mask covers, in the given order: trainable and matching no `exclude` regex."""
-    patterns = exclude_patterns(exclude)
+    """The (name, parameter) pairs a mask covers, in the given order: trainable, matching `options.include` (when
+    set) and no `options.exclude` regex."""
+    patterns = exclude_patterns(options.exclude)
+    include = None if options.include is None else re.compile(options.include)
     if len({id(param) for _, param in named_params}) != len(named_params):
         raise ValueError("named_params lists the same parameter twice")
     covered = [
         (name, param)
         for name, param in named_params
-        if param.requires_grad and not any(p.search(name) for p in patterns)
+        if param.requires_grad
+        and (include is None or include.search(name))
+        and not any(p.search(name) for p in patterns)
     ]
     if not covered:
+        if include is not None and not any(p.requires_grad and include.search(n) for n, p in named_params):
+            raise ValueError(f"include pattern {options.include!r} matches no trainable parameter")
         raise ValueError("no parameter to mask: every parameter is excluded or frozen")
     return covered
 
@@ -285,7 +298,7 @@ class GradientMasker:
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], options: MaskOptions) -> None:
         self.options = options
         self.scorer = SaliencyScorer(options.saliency, ema_beta=options.ema_beta)
-        covered = covered_parameters(named_params, options.exclude)
+        covered = covered_parameters(named_params, options)
         devices = {param.device for _, param in covered}
         if len(devices) > 1:
             raise ValueError(f"all masked parameters must be on one device, got {sorted(map(str, devices))}")
@@ -319,6 +332,8 @@ class GradientMasker:
         self.score_views = self._views(self.scores)
         self.layout = MaskLayout(self.segment_offsets, self.position_runs, [param.numel() for param in self.params])
         self._mask: torch.Tensor | None = None
+        self.step = 0
+        """Index of the next step (keys soft masks and selectors); counts `apply_` calls unless given."""
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of a flat [N] buffer shaped like each covered parameter, in layout order."""
@@ -329,8 +344,11 @@ class GradientMasker:
         return views
 
     @torch.no_grad()
-    def apply_(self, step: int) -> MaskStats:
-        """Score the current gradients, build this step's mask and zero the gradients of the dropped coordinates."""
+    def apply_(self, step: int | None = None) -> MaskStats:
+        """Score the current gradients, build step `step`'s mask (default: the masker's own step count) and zero the
+        gradients of the dropped coordinates."""
+        step = self.step if step is None else step
+        self.step = step + 1
         grads = [param.grad for param in self.params]
         scores = self.scorer.score_(self.scores, self.score_views, self.params, grads)
         keep, multiplier, mean_threshold = select_coordinates(self.options, scores, self.layout, self.k, step)
@@ -348,8 +366,8 @@ class GradientMasker:
         return dict(zip(self.params, self._views(self._mask)))
 
     def state_dict(self) -> dict[str, Any]:
-        """Covered parameter names (layout order) and the saliency state (the fisher_ema buffer)."""
-        return {"names": list(self.names), "saliency": self.scorer.state_dict()}
+        """Covered parameter names (layout order), the step count and the saliency state (the fisher_ema buffer)."""
+        return {"names": list(self.names), "step": self.step, "saliency": self.scorer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`; the covered parameters and their order must match."""
@@ -358,4 +376,5 @@ class GradientMasker:
                 f"masker state covers {len(state['names'])} parameters that differ from this masker's "
                 f"{len(self.names)} (names or order); build the masker with the same parameters, scope and exclude"
             )
+        self.step = int(state.get("step", 0))
         self.scorer.load_state_dict(state["saliency"])

@@ -23,13 +23,9 @@ parameters, exactly as in `GradientMasker`: ties break identically and soft mask
 
 from __future__ import annotations
 
-import functools
 import itertools
-import logging
 import math
-import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -45,54 +41,15 @@ from uegr_dist.backward.masking import (
     select_coordinates,
 )
 from uegr_dist.backward.saliency import SaliencyScorer
-
-logger = logging.getLogger(__name__)
+from uegr_dist.deepspeed_internals import (
+    data_parallel_group,
+    inner_optimizer,
+    wrap_inner_step,
+    wrap_zero_step,
+    zero_partitions,
+)
 
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s epsilon, so the sharded clip matches the single-process one
-
-
-def is_deepspeed_engine(model: Any) -> bool:
-    """True when `model` is a DeepSpeed engine (without importing DeepSpeed when nothing else did)."""
-    deepspeed = sys.modules.get("deepspeed")
-    return deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine)
-
-
-def configure_deepspeed_clipping(accelerator: Any, max_grad_norm: float, masks_gradients: bool) -> None:
-    """Set DeepSpeed's `gradient_clipping` before `accelerator.prepare` (no-op without DeepSpeed).
-
-    Without a mask DeepSpeed clips with max_grad_norm. With a mask it must not clip at all (0): the mask comes
-    first and `ZeroGradientMasker` clips the masked gradient itself, as the single-process loop does. An explicit
-    different value in the DeepSpeed config is overridden with a warning (train.max_grad_norm is the one setting).
-    """
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return
-    config = plugin.deepspeed_config
-    wanted = 0.0 if masks_gradients else float(max_grad_norm)
-    given = config.get("gradient_clipping", "auto")
-    if given != "auto" and float(given) != wanted:
-        logger.warning(
-            "DeepSpeed config gradient_clipping = %s replaced by %s (%s)",
-            given,
-            wanted,
-            "the gradient mask clips after masking, with train.max_grad_norm"
-            if masks_gradients
-            else "train.max_grad_norm",
-        )
-    config["gradient_clipping"] = wanted
-
-
-@dataclass
-class ZeroPartition:
-    """One flat fp32 master partition of this rank, as the inner optimizer sees it."""
-
-    master: torch.Tensor
-    """float32 [P]: the tensor the inner optimizer updates (persistent across steps)."""
-    grad_views: Callable[[], list[torch.Tensor]]
-    """At ZeRO step entry: 1-d tensors that tile the averaged gradient of this partition in order (in-place edits
-    reach the gradient the inner optimizer gets)."""
-    fragments: list[tuple[torch.nn.Parameter, int, int, int]]
-    """(parameter, start in the flattened parameter, start in the partition, length), padding excluded."""
 
 
 def _full_numel(param: torch.nn.Parameter) -> int:
@@ -100,77 +57,15 @@ def _full_numel(param: torch.nn.Parameter) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
 
-def _zero12_partitions(zopt: Any) -> list[ZeroPartition]:
-    """Partitions of DeepSpeedZeroOptimizer (ZeRO-1/2): group i's flattened parameters, split evenly over ranks."""
-    partitions = []
-    for i, master in enumerate(zopt.single_partition_of_fp32_groups):
-        size = int(zopt.partition_size[i])
-        lo = dist.get_rank(group=zopt.real_dp_process_group[i]) * size
-        fragments = []
-        # The real flat layout (also with round_robin_gradients / parameter_alignment): these params at these offsets.
-        for param, offset in zip(zopt.round_robin_bit16_groups[i], zopt.round_robin_bit16_offsets[i]):
-            start, stop = max(lo, offset), min(lo + size, offset + param.numel())
-            if start < stop:
-                fragments.append((param, start - offset, start - lo, stop - start))
-
-        def grad_views(i: int = i, master: torch.Tensor = master) -> list[torch.Tensor]:
-            if zopt.cpu_offload:
-                return [master.grad]  # filled during backward, copied (not accumulated) at each boundary
-            averaged = zopt.averaged_gradients[i]
-            # bf16 params with fp32 gradient accumulation keep one compact fp32 buffer per partition.
-            flat = getattr(averaged, "flat_partition", None)
-            return [flat.view(-1)] if flat is not None else [t.view(-1) for t in averaged]
-
-        partitions.append(ZeroPartition(master, grad_views, fragments))
-    return partitions
-
-
-def _zero3_partitions(zopt: Any) -> list[ZeroPartition]:
-    """Partitions of DeepSpeedZeroOptimizer_Stage3: one per sub-group, the concatenated shards of its parameters."""
-    partitions = []
-    for s, params in enumerate(zopt.fp16_groups):
-        master = zopt.fp32_partitioned_groups_flat[s]
-        rank = dist.get_rank(group=zopt._get_sub_group_process_group(s))
-        fragments = []
-        for param in params:
-            _, offset, shard = zopt.grad_position[zopt.get_param_id(param)]
-            valid = max(0, min(shard, param.ds_numel - rank * shard))  # the last shards end in padding
-            if valid:
-                fragments.append((param, rank * shard, offset, valid))
-
-        def grad_views(s: int = s, master: torch.Tensor = master) -> list[torch.Tensor]:
-            if zopt.offload_optimizer:
-                return [master.grad]
-            return [t.view(-1) for t in zopt.averaged_gradients[s]]  # views into grad_partitions_flat_buffer
-
-        partitions.append(ZeroPartition(master, grad_views, fragments))
-    return partitions
-
-
-def zero_partitions(zopt: Any) -> list[ZeroPartition]:
-    """This rank's flat fp32 partitions of a ZeRO optimizer, in the order DeepSpeed steps them."""
-    kind = type(zopt).__name__
-    if kind == "DeepSpeedZeroOptimizer":
-        return _zero12_partitions(zopt)
-    if kind == "DeepSpeedZeroOptimizer_Stage3":
-        if getattr(zopt, "swap_optimizer", False):
-            raise NotImplementedError("gradient masking does not support NVMe optimizer offload (swapped states)")
-        return _zero3_partitions(zopt)
-    raise NotImplementedError(
-        f"gradient masking under DeepSpeed supports ZeRO-1/2/3 optimizers, got {kind} (bf16 + ZeRO-1 with "
-        "grad_accum_dtype fp32 selects BF16_Optimizer: use ZeRO-2 or drop data_types.grad_accum_dtype)"
-    )
-
-
 class ZeroGradientMasker:
     """`GradientMasker` for a DeepSpeed ZeRO engine: the same mask, computed shard by shard inside the ZeRO step.
 
     named_params: the model's trainable parameters in the canonical (optimizer) order, as given to the optimizer
     before `prepare`. options: what to keep (`MaskOptions`), as for `GradientMasker`; a `selector` is given this
-    rank's layout and the cross-rank sum. max_grad_norm > 0 clips the masked gradient (global norm) before the
-    update. The DeepSpeed config must have gradient_clipping 0 (`configure_deepspeed_clipping`). freeze_masked:
-    hand the keep mask to MaskedAdamW so dropped coordinates keep value and moments (UEGR); False: only the gradient
-    is masked (and rescaled), the optimizer steps every coordinate.
+    rank's layout and the cross-rank sum; `options.freeze_masked` hands the keep mask to MaskedAdamW (dropped
+    coordinates keep value and moments) or only masks (and rescales) the gradient. max_grad_norm > 0 clips the masked
+    gradient (global norm) before the update. The DeepSpeed config must have gradient_clipping 0
+    (`configure_deepspeed_clipping`). All access to DeepSpeed's internals goes through `uegr_dist.deepspeed_internals`.
     """
 
     def __init__(
@@ -180,9 +75,8 @@ class ZeroGradientMasker:
         options: MaskOptions,
         *,
         max_grad_norm: float = 0.0,
-        freeze_masked: bool = True,
     ) -> None:
-        self.options, self.freeze_masked = options, freeze_masked
+        self.options = options
         if engine.gradient_clipping() != 0:
             raise ValueError(
                 f"DeepSpeed gradient_clipping = {engine.gradient_clipping()} while masking gradients: DeepSpeed "
@@ -191,18 +85,18 @@ class ZeroGradientMasker:
             )
         self.max_grad_norm = max_grad_norm
         self.scorer = SaliencyScorer(options.saliency, ema_beta=options.ema_beta)
-        self.zopt = engine.optimizer
-        self.inner = self.zopt.optimizer
+        self.engine = engine
+        self.inner = inner_optimizer(engine)
         if not hasattr(self.inner, "set_update_masks"):
             raise TypeError(
                 f"the ZeRO inner optimizer is {type(self.inner).__name__}, not MaskedAdamW: with offload_optimizer "
                 "set zero_force_ds_cpu_optimizer: false in the DeepSpeed config"
             )
-        self.group = self.zopt.dp_process_group
+        self.group = data_parallel_group(engine)
         self.step = 0
         self.last_stats: MaskStats | None = None
 
-        covered = covered_parameters(named_params, options.exclude)
+        covered = covered_parameters(named_params, options)
         self.names = [name for name, _ in covered]
         segments = segment_names(self.names, options.scope)
         segment_order = {segment: i for i, segment in enumerate(dict.fromkeys(segments))}
@@ -216,7 +110,7 @@ class ZeroGradientMasker:
         self.total = start
         self.k = torch.tensor([keep_count(options.ratio, size) for size in sizes], dtype=torch.int64)
 
-        self.partitions = zero_partitions(self.zopt)
+        self.partitions = zero_partitions(engine)
         # Keep mask per partition: False on padding, True on uncovered (excluded) fragments, set per step elsewhere.
         self.keep_masks = [
             torch.zeros(p.master.numel(), dtype=torch.bool, device=p.master.device) for p in self.partitions
@@ -259,31 +153,33 @@ class ZeroGradientMasker:
 
     def _install_hooks(self) -> None:
         """Wrap the ZeRO optimizer's step (build the masks) and the inner optimizer's step (apply them)."""
-        zero_step, inner_step = self.zopt.step, self.inner.step
 
-        # functools.wraps keeps the attributes torch's LR scheduler put on the wrapped steps.
-        @functools.wraps(zero_step)
-        def masked_zero_step(*args: Any, **kwargs: Any) -> Any:
-            self.last_stats = self.compute_masks()
-            self.step += 1
-            return zero_step(*args, **kwargs)
+        def masked_zero_step(zero_step: Any) -> Any:
+            def step(*args: Any, **kwargs: Any) -> Any:
+                self.last_stats = self.compute_masks()
+                self.step += 1
+                return zero_step(*args, **kwargs)
 
-        @functools.wraps(inner_step)
-        def masked_inner_step(*args: Any, **kwargs: Any) -> Any:
-            masks = {}
-            for group in self.inner.param_groups:
-                for master in group["params"]:
-                    keep = self._keep_by_master.get(id(master))
-                    if keep is not None and master.grad is not None:
-                        if self._clip_coef != 1.0:
-                            master.grad.mul_(self._clip_coef)
-                        if self.freeze_masked:
-                            masks[master] = keep
-            self.inner.set_update_masks(masks)
-            return inner_step(*args, **kwargs)
+            return step
 
-        self.zopt.step = masked_zero_step
-        self.inner.step = masked_inner_step
+        def masked_inner_step(inner_step: Any) -> Any:
+            def step(*args: Any, **kwargs: Any) -> Any:
+                masks = {}
+                for group in self.inner.param_groups:
+                    for master in group["params"]:
+                        keep = self._keep_by_master.get(id(master))
+                        if keep is not None and master.grad is not None:
+                            if self._clip_coef != 1.0:
+                                master.grad.mul_(self._clip_coef)
+                            if self.options.freeze_masked:
+                                masks[master] = keep
+                self.inner.set_update_masks(masks)
+                return inner_step(*args, **kwargs)
+
+            return step
+
+        wrap_zero_step(self.engine, masked_zero_step)
+        wrap_inner_step(self.engine, masked_inner_step)
 
     def _all_reduce_sum(self, tensor: torch.Tensor) -> None:
         """In-place sum over the data-parallel ranks."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -10,6 +11,8 @@ from uegr_dist.config import ConfigError, load_config
 from uegr_dist.data.errors import DataError
 
 EXIT_BAD_INPUT = 2
+EXIT_PUSH_FAILED = 4
+"""The run finished and saved everything, but train.push_to_hub could not upload it."""
 # Also: 3 = too many non-finite steps in a row (guard.EXIT_NONFINITE), 75 = preempted after a checkpoint
 # (guard.EXIT_PREEMPTED); both leave every checkpoint written so far intact.
 
@@ -73,6 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     final = result.metrics["final"]
     print(f"done: {result.output_dir} | " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
+    if cfg.train.push_to_hub and int(os.environ.get("RANK", "0")) == 0:
+        from uegr_dist.engine.model_card import PushError, push_to_hub
+
+        try:
+            print(f"pushed to {push_to_hub(result.output_dir, cfg.train.push_to_hub)}")
+        except PushError as err:
+            print(f"uegr-train: error: {err}", file=sys.stderr)
+            return EXIT_PUSH_FAILED
     return 0
 
 

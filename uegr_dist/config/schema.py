@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from uegr_dist.config.registry import METHOD_NAMES
+
 
 def choice(default: str, *options: str, doc: str = "") -> Any:
     """A string field restricted to `options`."""
@@ -119,6 +121,9 @@ class TrainConfig:
     """Stop after this many consecutive optimizer steps with a non-finite loss or gradient (each one is skipped)."""
     collective_timeout: int = bounded(600, 10)
     """Seconds a collective may wait for a peer before the job fails (a crashed rank must not hang the others)."""
+    push_to_hub: str | None = None
+    """Hub repository id (user/name): upload the saved model, tokenizer and model card there at the end of the run
+    (needs network access and a token: `hf auth login`). A failed upload loses nothing: the run's files stay."""
 
 
 @dataclass
@@ -276,11 +281,7 @@ class MatConfig:
 class MethodConfig:
     """The fine-tuning method and its hyper-parameters."""
 
-    name: str = choice(
-        "uegr",
-        *("uegr", "vanilla", "rdrop", "freelb", "smart", "hype", "asa"),
-        *("childtuning_d", "childtuning_f", "roast", "sam", "mat"),
-    )
+    name: str = choice("uegr", *METHOD_NAMES, doc="a method of uegr_dist/config/registry.py")
     alpha: float = bounded(1.0, 0.0)
     """Weight of the adversarial cross-entropy of the sub-models."""
     beta: float = bounded(1.0, 0.0)

@@ -1,1 +1,1 @@
-"""The training engine (loop, accelerator set-up)."""
+"""The training engine: run set-up, the loop and its step, evaluation, checkpoints, logging, the backend."""

@@ -4,7 +4,8 @@ A checkpoint is `output_dir/checkpoints/step-N/`:
 
 - what `accelerator.save_state` writes: the model as safetensors, the optimizer and scheduler (or the DeepSpeed
   engine's per-rank ZeRO shards) and every rank's RNG states (python, numpy, torch, CUDA);
-- `method_state_<rank>.pt`: what the method carries (dropout-rate controller, saliency EMA, masker step);
+- `method_state_<rank>.pt`: what the method carries (dropout-rate controller, ...) and what the optimizer's gradient
+  mask carries (its step count and saliency EMA: per process under ZeRO);
 - `loop_state.pt`: the loop's position (step, micro-step, epoch, batches consumed in the epoch, the shuffle
   generator's state at the start of the epoch), its logs and counters;
 - `checkpoint.json`, written last: step, the run identity (model, data, method sections, the train keys that fix the
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from uegr_dist.backward import SelectiveAdamW
 from uegr_dist.config import Config, config_to_dict
 from uegr_dist.methods import Method
 
@@ -41,7 +43,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 MANIFEST = "checkpoint.json"
 LOOP_STATE = "loop_state.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the method state file holds the method's and the gradient mask's state (1: the method's, mask included)."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Train keys that fix which samples a step sees: a checkpoint cannot continue under other values.
 _DATA_ORDER_KEYS = ("seed", "batch_size", "grad_accum")
@@ -152,7 +155,10 @@ def validate_checkpoint(path: Path) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path}: unreadable {MANIFEST} ({err})") from err
     if manifest.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"checkpoint {path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION} (written by another "
+            "version of uegr-dist, which stores the method state differently: resume it with that version)"
+        )
     for rel, expected in files.items():
         file = path / rel
         if not file.is_file():
@@ -236,11 +242,18 @@ class Checkpointer:
     `due` at every optimizer-step boundary (then `save`) and `save` at the end or on preemption."""
 
     def __init__(
-        self, accelerator: Accelerator, cfg: Config, method: Method, generator: torch.Generator, resume: Path | None
+        self,
+        accelerator: Accelerator,
+        cfg: Config,
+        method: Method,
+        optimizer: SelectiveAdamW,
+        generator: torch.Generator,
+        resume: Path | None,
     ) -> None:
         self.accelerator = accelerator
         self.cfg = cfg
         self.method = method
+        self.optimizer = optimizer
         self.generator = generator
         self.root = Path(cfg.train.output_dir) / CHECKPOINTS
         self.identity = run_identity(cfg, accelerator.num_processes)
@@ -250,8 +263,8 @@ class Checkpointer:
         self._pending_rng: dict[str, Any] | None = None
 
     def resume(self) -> LoopState:
-        """Load the selected checkpoint into model, optimizer, scheduler, method and RNG; the loop state to go on
-        from (a fresh one when there is nothing to resume). Call after `accelerator.prepare` and `method.setup`."""
+        """Load the selected checkpoint into model, optimizer (and its mask), scheduler, method and RNG; the loop state
+        to go on from (a fresh one when there is nothing to resume). Call after `prepare` and `method.setup`."""
         if self.resume_from is None:
             if self.accelerator.is_main_process:
                 self._clear_for_fresh_start()
@@ -262,7 +275,9 @@ class Checkpointer:
         self.accelerator.load_state(str(path))
         self._pending_rng = _rng_snapshot()
         method_file = path / method_state_file(rank)
-        self.method.load_state_dict(torch.load(method_file, map_location="cpu", weights_only=True))
+        saved = torch.load(method_file, map_location="cpu", weights_only=True)
+        self.method.load_state_dict(saved["method"])
+        self.optimizer.load_mask_state_dict(saved["mask"])
         loop = LoopState(**torch.load(path / LOOP_STATE, map_location="cpu", weights_only=True))
         self.last_saved_step = loop.step
         if self.accelerator.is_main_process:
@@ -337,7 +352,8 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
-        torch.save(self.method.state_dict(), tmp / method_state_file(acc.process_index))
+        state_file = tmp / method_state_file(acc.process_index)
+        torch.save({"method": self.method.state_dict(), "mask": self.optimizer.mask_state_dict()}, state_file)
         if acc.is_main_process:
             torch.save(asdict(state), tmp / LOOP_STATE)
         acc.wait_for_everyone()

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from uegr_dist.backward.zero_masking import is_deepspeed_engine
+from uegr_dist.deepspeed_internals import is_deepspeed_engine
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ gradient, inside the ZeRO step); `UEGR_DEBUG_SIGNAL_AT=STEP:SIGNAL` (e.g. `4:TER
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -27,7 +26,16 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from uegr_dist.backward.zero_masking import is_deepspeed_engine, zero_partitions
+from uegr_dist.deepspeed_internals import (
+    clear_overflow,
+    data_parallel_group,
+    is_deepspeed_engine,
+    skip_zero_step,
+    wrap_engine_backward,
+    wrap_inner_step,
+    wrap_zero_step,
+    zero_partitions,
+)
 from uegr_dist.engine.checkpoint import LoopState
 
 logger = logging.getLogger(__name__)
@@ -204,10 +212,9 @@ class ZeroStepGuard:
     """
 
     def __init__(self, engine: Any, device: torch.device, first_step: int = 0, inject: Iterable[int] = ()) -> None:
-        self.zopt = engine.optimizer
-        self.inner = self.zopt.optimizer
-        self.partitions = zero_partitions(self.zopt)  # NotImplementedError for other DeepSpeed optimizers
-        self.group = self.zopt.dp_process_group
+        self.engine = engine
+        self.partitions = zero_partitions(engine)  # NotImplementedError for other DeepSpeed optimizers
+        self.group = data_parallel_group(engine)
         self.device = device
         self.check_gradients = not engine.fp16_enabled()
         self.inject = set(inject)
@@ -219,32 +226,39 @@ class ZeroStepGuard:
         self._install(engine)
 
     def _install(self, engine: Any) -> None:
-        backward, zero_step, inner_step = engine.backward, self.zopt.step, self.inner.step
+        def backward_keeping_loss(backward: Any) -> Any:
+            def wrapped(loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                self._loss = loss.detach()
+                return backward(loss, *args, **kwargs)
 
-        @functools.wraps(backward)
-        def backward_keeping_loss(loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            self._loss = loss.detach()
-            return backward(loss, *args, **kwargs)
+            return wrapped
 
-        @functools.wraps(zero_step)
-        def guarded_zero_step(*args: Any, **kwargs: Any) -> Any:
-            finite = self._agree_finite()
-            self.last = (self.step, finite)
-            self.step += 1
-            # DeepSpeed resets the flag at each step, but older versions only do for fp16: a skip must not stick.
-            self.zopt.overflow = False
-            if finite:
-                return zero_step(*args, **kwargs)
-            self._skip()
-            return None
+        def guarded_zero_step(zero_step: Any) -> Any:
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                finite = self._agree_finite()
+                self.last = (self.step, finite)
+                self.step += 1
+                clear_overflow(engine)  # a skip must not stick
+                if finite:
+                    return zero_step(*args, **kwargs)
+                self._skipping = True
+                try:
+                    skip_zero_step(engine)
+                finally:
+                    self._skipping = False
+                return None
 
-        @functools.wraps(inner_step)
-        def guarded_inner_step(*args: Any, **kwargs: Any) -> Any:
-            return None if self._skipping else inner_step(*args, **kwargs)
+            return wrapped
 
-        engine.backward = backward_keeping_loss
-        self.zopt.step = guarded_zero_step
-        self.inner.step = guarded_inner_step
+        def guarded_inner_step(inner_step: Any) -> Any:
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                return None if self._skipping else inner_step(*args, **kwargs)
+
+            return wrapped
+
+        wrap_engine_backward(engine, backward_keeping_loss)
+        wrap_zero_step(engine, guarded_zero_step)
+        wrap_inner_step(engine, guarded_inner_step)
 
     @torch.no_grad()
     def _agree_finite(self) -> bool:
@@ -268,29 +282,6 @@ class ZeroStepGuard:
         if dist.get_world_size(group=self.group) > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.SUM, group=self.group)
         return bool(bad.item() == 0)
-
-    def _skip(self) -> None:
-        """DeepSpeed's ZeRO step, without the method's hooks, taking its overflow path (see the class docstring)."""
-        zopt = self.zopt
-        had_own = "_update_scale" in vars(zopt)
-        update_scale = zopt._update_scale
-
-        def update_scale_and_skip(*args: Any, **kwargs: Any) -> Any:
-            result = update_scale(*args, **kwargs)
-            zopt.overflow = True  # read right after by DeepSpeed: clear the gradients and return
-            return result
-
-        zopt._update_scale = update_scale_and_skip
-        self._skipping = True
-        try:
-            type(zopt).step(zopt)
-        finally:
-            self._skipping = False
-            if had_own:
-                zopt._update_scale = update_scale
-            else:
-                del zopt._update_scale
-        zopt.overflow = True  # the engine reads it after the step: counts a skipped step, no LR scheduler step
 
     def decision(self, step: int) -> bool:
         """Whether optimizer step `step` was finite (it ran inside `accelerator.backward`, before this call)."""

@@ -9,23 +9,25 @@ included. Outside a `chunks` context the model behaves exactly as before, and `r
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface, PreTrainedConfig
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from uegr_dist.forward.attention import (
+    AttentionRoute,
+    check_attention,
+    eager_attention,
+    original_attention,
+    route_attention,
+)
 from uegr_dist.rng import keyed_uniform, mix_key
 
 # DeBERTa-v2 applies `pos_dropout` to relative position embeddings shared by every row (dim 0 is a relative
 # position, not a sample): it cannot be split into chunks, so it keeps its base rate and one mask for the batch.
 SHARED_SITE_NAMES = frozenset({"pos_dropout"})
-SUPPORTED_ATTENTION = ("eager", "sdpa")
 _CHUNKED_PREFIX = "uegr_chunked_"
 
 
@@ -69,7 +71,7 @@ class ChunkDropoutController:
         self._model = model
         self._context: _ChunkContext | None = None
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
-        self._configs: list[tuple[PreTrainedConfig, str]] = []
+        self._route: AttentionRoute | None = None
         self._removed = False
 
     @contextlib.contextmanager
@@ -102,10 +104,9 @@ class ChunkDropoutController:
             raise RuntimeError("remove(): called inside an active chunks() context")
         for parent, name, original in reversed(self._swapped):
             setattr(parent, name, original)
-        for config, implementation in self._configs:
-            config._attn_implementation_internal = implementation
+        if self._route is not None:
+            self._route.remove()
         self._swapped.clear()
-        self._configs.clear()
         self._removed = True
 
 
@@ -113,16 +114,7 @@ def install_chunk_dropout(model: nn.Module) -> ChunkDropoutController:
     """Make every dropout site of `model` chunk-aware (modules and attention probabilities); returns the controller."""
     if any(isinstance(module, ChunkedDropout) for module in model.modules()):
         raise ValueError("install_chunk_dropout(): the model already has chunked dropout installed")
-    configs = _model_configs(model)
-    for config in configs:
-        implementation = config._attn_implementation
-        if implementation is not None and implementation not in SUPPORTED_ATTENTION:
-            raise ValueError(
-                f"install_chunk_dropout(): attn_implementation {implementation!r} is not supported; "
-                f"allowed: {SUPPORTED_ATTENTION}"
-            )
-    _register_chunked_attention()
-
+    check_attention(model, "install_chunk_dropout()")
     controller = ChunkDropoutController(model)
     replacements: dict[int, ChunkedDropout] = {}
     for parent in list(model.modules()):
@@ -136,12 +128,7 @@ def install_chunk_dropout(model: nn.Module) -> ChunkDropoutController:
                 replacements[id(child)] = replacement
             setattr(parent, name, replacement)
             controller._swapped.append((parent, name, child))
-    for config in configs:
-        implementation = config._attn_implementation
-        if implementation is not None:
-            controller._configs.append((config, implementation))
-            # The internal attribute: the public setter would also overwrite sub-configs with this config's value.
-            config._attn_implementation_internal = _CHUNKED_PREFIX + implementation
+    controller._route = route_attention(model, _CHUNKED_PREFIX, _make_chunked_attention)
     return controller
 
 
@@ -223,44 +210,6 @@ def _checked_row_keys(row_keys: torch.Tensor | None) -> torch.Tensor | None:
     return row_keys
 
 
-def _model_configs(model: nn.Module) -> list[PreTrainedConfig]:
-    """Every distinct transformers config reachable from the model's modules, sub-configs included."""
-    found: dict[int, PreTrainedConfig] = {}
-
-    def visit(config: PreTrainedConfig) -> None:
-        if id(config) in found:
-            return
-        found[id(config)] = config
-        for sub_key in config.sub_configs:
-            sub_config = getattr(config, sub_key, None)
-            if isinstance(sub_config, PreTrainedConfig):
-                visit(sub_config)
-
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if isinstance(config, PreTrainedConfig):
-            visit(config)
-    return list(found.values())
-
-
-def _register_chunked_attention() -> None:
-    """Register one chunk-aware attention function (and its mask builder) per supported implementation."""
-    for implementation in SUPPORTED_ATTENTION:
-        name = _CHUNKED_PREFIX + implementation
-        AttentionInterface.register(name, _make_chunked_attention(implementation))
-        # Without a registered mask builder transformers passes no attention mask at all (padding ignored).
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
-
-
-def _original_attention(module: nn.Module, implementation: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The function transformers would call for `implementation` on this attention module."""
-    if implementation == "sdpa":
-        return ALL_ATTENTION_FUNCTIONS["sdpa"]
-    # "eager" is not in the registry: each model file passes its own `eager_attention_forward` as the default.
-    model_file = sys.modules.get(type(module).__module__)
-    return getattr(model_file, "eager_attention_forward", _eager_attention)
-
-
 def _make_chunked_attention(implementation: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """Attention function applying per-chunk dropout to the probabilities, delegating to the original otherwise."""
 
@@ -275,7 +224,7 @@ def _make_chunked_attention(implementation: str) -> Callable[..., tuple[torch.Te
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q, k, v [B, H, S, d], mask (bool / additive [B, 1, S, S] or None) -> output [B, S, H, d], probs."""
-        original = _original_attention(module, implementation)
+        original = original_attention(module, implementation)
         site = getattr(module, "dropout", None)
         context = site.controller._context if isinstance(site, ChunkedDropout) else None
         if context is None:
@@ -286,7 +235,7 @@ def _make_chunked_attention(implementation: str) -> Callable[..., tuple[torch.Te
             return original(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
         if context.row_keys is None and min(rates) == max(rates):
             return original(module, query, key, value, attention_mask, dropout=rates[0], scaling=scaling, **kwargs)
-        return _eager_attention(
+        return eager_attention(
             module,
             query,
             key,
@@ -298,32 +247,3 @@ def _make_chunked_attention(implementation: str) -> Callable[..., tuple[torch.Te
 
     chunked_attention.__name__ = f"chunked_{implementation}_attention"
     return chunked_attention
-
-
-def _eager_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    drop: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    **kwargs: object,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference attention (softmax(q k^T * scaling + mask) v) with `drop` (default: F.dropout) on the probabilities.
-
-    q, k, v [B, H, S, d]; mask: boolean (True = attend) or additive [B, 1, S, S], or None -> ([B, S, H, d], probs).
-    """
-    if scaling is None:
-        scaling = query.size(-1) ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask
-    probs = F.softmax(scores, dim=-1)
-    probs = drop(probs) if drop is not None else F.dropout(probs, dropout, module.training)
-    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    return output, probs

@@ -10,12 +10,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from uegr_dist.config import ConfigError, MethodConfig
 from uegr_dist.forward import at_least_float32, symmetric_kl
-from uegr_dist.forward.chunk_dropout import SUPPORTED_ATTENTION, _model_configs, _original_attention
+from uegr_dist.forward.attention import AttentionRoute, check_attention, original_attention, route_attention
 from uegr_dist.methods.base import Method, MethodContext, StepOutput, model_inputs, task_loss
 
 # Additive attention bias of a masked unit (the BERT convention for padding).
@@ -105,23 +103,17 @@ class ASA(Method):
         self._token_mask: torch.Tensor | None = None
         self._budgets: list[torch.Tensor] = []
         self._handles: list[Any] = []
-        self._configs: list[tuple[Any, str]] = []
+        self._route: AttentionRoute | None = None
 
     def setup(self, ctx: MethodContext) -> None:
         """Route attention through the ASA function and stash each self-attention input while a step runs."""
         super().setup(ctx)
         modules = self_attention_modules(ctx.base_model)
-        for config in _model_configs(ctx.base_model):
-            implementation = config._attn_implementation
-            if implementation is None:
-                continue
-            if implementation not in SUPPORTED_ATTENTION:
-                raise ConfigError(
-                    f"model.attn_implementation = {implementation!r}: ASA supports {', '.join(SUPPORTED_ATTENTION)}"
-                )
-            self._configs.append((config, implementation))
-            config._attn_implementation_internal = _PREFIX + implementation
-        _register_asa_attention()
+        try:
+            check_attention(ctx.base_model, "method.name = asa")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self._route = route_attention(ctx.base_model, _PREFIX, _make_asa_attention)
         for module in modules:
             module._asa_method = self
             self._handles.append(module.register_forward_pre_hook(_stash_hidden, with_kwargs=True))
@@ -171,9 +163,8 @@ class ASA(Method):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for config, implementation in self._configs:
-            config._attn_implementation_internal = implementation
-        self._configs.clear()
+        if self._route is not None:
+            self._route.remove()
         for module in self_attention_modules(self.ctx.base_model):
             module.__dict__.pop("_asa_method", None)
             module.__dict__.pop("_asa_hidden", None)
@@ -184,13 +175,6 @@ def _stash_hidden(module: nn.Module, args: tuple, kwargs: dict) -> None:
     method = getattr(module, "_asa_method", None)
     if method is not None and method._active:
         module._asa_hidden = args[0] if args else kwargs["hidden_states"]
-
-
-def _register_asa_attention() -> None:
-    """Register the ASA attention function (and its mask builder) for every supported implementation."""
-    for implementation in SUPPORTED_ATTENTION:
-        AttentionInterface.register(_PREFIX + implementation, _make_asa_attention(implementation))
-        AttentionMaskInterface.register(_PREFIX + implementation, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
 
 
 def _make_asa_attention(implementation: str):
@@ -205,7 +189,7 @@ def _make_asa_attention(implementation: str):
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The original attention, plus the adversary's bias on the adversarial half during an ASA step."""
-        original = _original_attention(module, implementation)
+        original = original_attention(module, implementation)
         hidden = module.__dict__.pop("_asa_hidden", None)
         method = getattr(module, "_asa_method", None)
         if hidden is None or method is None or not method._active:

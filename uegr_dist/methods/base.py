@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from uegr_dist.forward.divergence import at_least_float32
+
+if TYPE_CHECKING:
+    from uegr_dist.backward import MaskOptions
+    from uegr_dist.engine.backend import Backend
 
 NON_MODEL_KEYS = ("labels", "sample_id")
 
@@ -38,46 +43,59 @@ class StepOutput:
 
 
 @dataclass
-class MethodContext:
-    """What the loop hands a method at set-up: the (possibly wrapped) model, its unwrapped module, the optimizer."""
+class TrainingData:
+    """The training split, for methods with a pass over the data before training (ChildTuning-D's, RoAST's Fisher)."""
 
-    model: nn.Module
-    base_model: nn.Module
-    optimizer: torch.optim.Optimizer
-    named_parameters: list[tuple[str, nn.Parameter]]
-    """Trainable parameters in optimizer order (the canonical order of the gradient mask)."""
-    seed: int
-    num_processes: int = 1
-    reduce_mean: Any = None
-    """Callable float -> float averaging a scalar over processes (identity in one process)."""
-    max_grad_norm: float = 0.0
-    """Gradient clipping norm (0: none); a method that masks inside a DeepSpeed step clips there itself."""
-    process_index: int = 0
-    device: torch.device | None = None
-    train_dataset: Any = None
-    """The tokenized training split (unsharded) for methods with a pre-pass over the data (ChildTuning-D's Fisher)."""
-    collate_fn: Any = None
+    dataset: Any
+    """The tokenized training split (all of it, not this process's shard)."""
+    collate_fn: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
     """Turns a list of training examples into a batch (the training loader's collator)."""
     steps_per_epoch: int = 0
     """Optimizer steps per epoch of this run (for methods refreshed once per epoch; 0: not known)."""
-    all_reduce_sum: Any = None
-    """In-place sum of a tensor over processes (None in one process)."""
+
+
+@dataclass
+class MethodContext:
+    """What a method is set up with, after `accelerator.prepare`."""
+
+    model: nn.Module
+    """The model as the loop calls it (DDP / DeepSpeed wrapper, or the module itself)."""
+    base_model: nn.Module
+    """The unwrapped module (for passes that must not fire data-parallel hooks)."""
+    named_parameters: list[tuple[str, nn.Parameter]]
+    """Trainable parameters in optimizer order (the canonical order of the gradient mask)."""
+    backend: Backend
+    """Where gradients are reduced and the step runs (`uegr_dist.engine.backend`)."""
+    seed: int
+    data: TrainingData | None = None
 
 
 class Method:
-    """A fine-tuning method: `loss` is the objective of one micro-batch, `transform_gradients` runs after the
-    (accumulated, reduced) backward and before the optimizer step. Subclasses override what they change."""
+    """A fine-tuning method: `loss` is the objective of one micro-batch (the forward stage); `gradient_mask` says
+    which gradient coordinates the optimizer's step keeps (the backward stage, run by `SelectiveAdamW`). Subclasses
+    override what they change."""
 
     name = "base"
-    masks_gradients = False
-    """True when `transform_gradients` masks coordinates (under DeepSpeed the mask then clips, not the engine)."""
     steps_optimizer = True
     """False for a method that updates the parameters itself and never lets the optimizer (under DeepSpeed: the
     engine) step (MAT): the loop's non-finite guard then checks the loss it returns, not a ZeRO step."""
 
+    @property
+    def needs_whole_parameters(self) -> str | None:
+        """Why this method needs every parameter whole on every process (refused under ZeRO-3), or None."""
+        return None
+
+    def gradient_mask(self, seed: int) -> MaskOptions | None:
+        """The coordinates the optimizer's step keeps (None: all). Called before `setup`, to build the optimizer;
+        a selector in the options runs only at step time, after `setup`."""
+        return None
+
     def setup(self, ctx: MethodContext) -> None:
-        """Called once after `accelerator.prepare`."""
+        """Called once after `accelerator.prepare` (refuses a ZeRO-3 run if the method needs whole parameters)."""
         self.ctx = ctx
+        reason = self.needs_whole_parameters
+        if reason is not None:
+            ctx.backend.require_whole_parameters(self.name, reason)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, micro_step: int) -> StepOutput:
         """The training objective for one micro-batch (step = optimizer step index, micro_step = batch index)."""
@@ -94,10 +112,6 @@ class Method:
             result = self.loss(model, batch, step, micro_step)
         accelerator.backward(result.loss)
         return result
-
-    def transform_gradients(self, step: int) -> dict[str, float]:
-        """Modify `.grad` in place before the optimizer step; return scalars to log."""
-        return {}
 
     def teardown(self) -> None:
         """Undo model changes made in `setup` (before saving the model)."""

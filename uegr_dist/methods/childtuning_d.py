@@ -39,6 +39,11 @@ class ChildTuningD(CoordinateMaskMethod):
         self.child: torch.Tensor | None = None
         self._local: torch.Tensor | None = None
 
+    @property
+    def needs_whole_parameters(self) -> str | None:
+        """The Fisher pre-pass runs on whole parameters."""
+        return self.fisher_reason
+
     def prepare(self, ctx: MethodContext) -> None:
         """Fisher pre-pass and the global top-reserve_p child mask (bool [covered numel], canonical order)."""
         fisher = self.fisher(ctx)

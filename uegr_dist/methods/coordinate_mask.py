@@ -1,17 +1,17 @@
 """Methods that train with the vanilla objective and update a chosen subset of gradient coordinates (ChildTuning-D,
-ChildTuning-F, RoAST). They share UEGR's mask machinery: a `GradientMasker` (one process, DDP: after the reduced
-backward) or a `ZeroGradientMasker` (DeepSpeed: inside the ZeRO step, on this rank's gradient partition), driven by
-the method's own `select` rule keyed by canonical coordinate position, so every rank and shard agrees."""
+ChildTuning-F, RoAST). They share UEGR's mask machinery, run by the optimizer's step wherever the run's backend puts
+it (after the reduced backward in one process or DDP, inside the ZeRO step on this rank's gradient partition under
+DeepSpeed), driven by the method's own `select` rule keyed by canonical coordinate position, so every rank and shard
+agrees."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import torch
 from torch import nn
 
-from uegr_dist.backward import GradientMasker, MaskOptions, ZeroGradientMasker, is_deepspeed_engine
+from uegr_dist.backward import MaskOptions
 from uegr_dist.backward.fisher import fisher_information
 from uegr_dist.backward.masking import MaskLayout
 from uegr_dist.backward.radix_select import AllReduceSum
@@ -29,13 +29,17 @@ class CoordinateMaskMethod(Vanilla):
     clipping and the optimizer step (which then updates every coordinate with AdamW as usual: "mask before the
     Adam moments", as ChildTuning and RoAST do, unlike UEGR's frozen coordinates)."""
 
-    masks_gradients = True
     include: str | None = None
     """Regex of the covered parameter names (None: every trainable parameter)."""
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
-        self.masker: GradientMasker | ZeroGradientMasker | None = None
+
+    def gradient_mask(self, seed: int) -> MaskOptions:
+        """`select`'s factors on the covered coordinates' gradients; the optimizer then steps every coordinate."""
+        return MaskOptions(
+            saliency="grad_sq", seed=seed, selector=self.select, include=self.include, freeze_masked=False
+        )
 
     def covered(self, ctx: MethodContext) -> list[tuple[str, nn.Parameter]]:
         """Trainable parameters whose name matches `include`, in canonical (optimizer) order."""
@@ -46,17 +50,10 @@ class CoordinateMaskMethod(Vanilla):
         return covered
 
     def setup(self, ctx: MethodContext) -> None:
-        """Run `prepare` (e.g. a Fisher pre-pass), then hook the masker into the backward / the ZeRO step."""
+        """Find the covered parameters and run `prepare` (e.g. a Fisher pre-pass) before the first step."""
         super().setup(ctx)
         self.covered_params = self.covered(ctx)
         self.prepare(ctx)
-        options = MaskOptions(saliency="grad_sq", seed=ctx.seed, selector=self.select)
-        if is_deepspeed_engine(ctx.model):
-            self.masker = ZeroGradientMasker(
-                ctx.model, self.covered_params, options, max_grad_norm=ctx.max_grad_norm, freeze_masked=False
-            )
-        else:
-            self.masker = GradientMasker(self.covered_params, options)
 
     def prepare(self, ctx: MethodContext) -> None:
         """Work before the first step (nothing by default)."""
@@ -68,38 +65,22 @@ class CoordinateMaskMethod(Vanilla):
         scores [n] = g^2 of the reduced gradient (see `MaskSelector`)."""
         raise NotImplementedError
 
+    fisher_reason = "its Fisher pre-pass needs whole parameters on every process"
+
     def fisher(self, ctx: MethodContext) -> torch.Tensor:
         """Fisher diagonal (float32 [covered numel], canonical order) over the training set, split across processes."""
-        if is_deepspeed_engine(ctx.model) and ctx.model.zero_optimization_stage() == 3:
-            raise ConfigError(
-                f"method.name = {self.name}: its Fisher pre-pass needs whole parameters on every process, which "
-                "ZeRO-3 partitions; use ZeRO-1/2 or DDP"
-            )
-        if ctx.train_dataset is None or ctx.collate_fn is None:
+        if ctx.data is None:
             raise ValueError(f"method {self.name} needs the training set in its MethodContext (Fisher pre-pass)")
+        backend = ctx.backend
         return fisher_information(
             ctx.base_model,
             [param for _, param in self.covered_params],
-            ctx.train_dataset,
-            ctx.collate_fn,
+            ctx.data.dataset,
+            ctx.data.collate_fn,
             _batch_loss,
             batch_size=self.cfg.childtuning.fisher_batch_size,
-            process_index=ctx.process_index,
-            num_processes=ctx.num_processes,
-            all_reduce_sum=ctx.all_reduce_sum,
-            device=ctx.device,
+            process_index=backend.process_index,
+            num_processes=backend.num_processes,
+            all_reduce_sum=backend.all_reduce_sum if backend.distributed else None,
+            device=backend.device,
         )
-
-    def transform_gradients(self, step: int) -> dict[str, float]:
-        """Mask the reduced gradients (under DeepSpeed that already happened inside the ZeRO step)."""
-        assert self.masker is not None
-        if isinstance(self.masker, ZeroGradientMasker):
-            stats = self.masker.last_stats
-            assert stats is not None
-        else:
-            stats = self.masker.apply_(step)
-        return {"mask_kept_fraction": stats.keep_fraction}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The masker's layout check (covered names)."""
-        return {"masker": self.masker.state_dict() if self.masker is not None else None}

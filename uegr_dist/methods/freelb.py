@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from uegr_dist.backward import is_deepspeed_engine
-from uegr_dist.config import ConfigError, MethodConfig
+from uegr_dist.config import MethodConfig
 from uegr_dist.forward import install_chunk_dropout
 from uegr_dist.methods.base import Method, MethodContext, StepOutput, task_loss
 from uegr_dist.methods.noise import embedding_inputs, uniform_noise
@@ -74,15 +73,17 @@ class FreeLB(Method):
         self.cfg = cfg
         self.options = cfg.freelb
 
+    @property
+    def needs_whole_parameters(self) -> str:
+        """The K retained graphs are backpropagated once, after the first delta gradient."""
+        return (
+            "it backpropagates all K retained graphs once, after the first delta gradient (ZeRO-3 releases the "
+            "gathered parameters there)"
+        )
+
     def setup(self, ctx: MethodContext) -> None:
         """Keyed dropout (same masks in every ascent pass) and the embedding lookup of the unwrapped model."""
         super().setup(ctx)
-        if is_deepspeed_engine(ctx.model) and ctx.model.zero_optimization_stage() == 3:
-            raise ConfigError(
-                "method.name = freelb: not supported under DeepSpeed ZeRO-3, which releases the gathered parameters "
-                "after the first delta gradient while FreeLB backpropagates all K retained graphs once; use "
-                "ZeRO-1/2 or DDP"
-            )
         self.controller = install_chunk_dropout(ctx.base_model)
         self.embeddings = ctx.base_model.get_input_embeddings()
 

@@ -40,11 +40,8 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from uegr_dist.backward import is_deepspeed_engine
-from uegr_dist.backward.zero_masking import zero_partitions
 from uegr_dist.config import ConfigError, MethodConfig
 from uegr_dist.forward import symmetric_kl
 from uegr_dist.methods.base import MethodContext, StepOutput, model_inputs, task_loss
@@ -62,59 +59,6 @@ def _symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return symmetric_kl(a, b).mean()
 
 
-# torch >= 2.13 calls it all_gather_single (all_gather_into_tensor is deprecated there); older torch has the latter.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-class _ZeroMaster:
-    """The fp32 master weights of a DeepSpeed ZeRO-1/2 optimizer, seen as whole parameters.
-
-    Each process owns one flat fp32 partition per parameter group; the group's flat layout (parameters at their
-    offsets, padded at the end) is the same on every process. `gather` all-gathers the partitions into full fp32
-    copies of every parameter; `write` puts full fp32 values back into this process's partitions.
-    """
-
-    def __init__(self, engine: Any, params: list[nn.Parameter]) -> None:
-        zopt = engine.optimizer
-        self.zopt = zopt
-        self.partitions = zero_partitions(zopt)  # this process's fragments, for `write`
-        self.params = params
-        position = {id(p): i for i, p in enumerate(params)}
-        # (group, [(index in params, offset in the group's flat buffer, numel)])
-        self.layout = []
-        for g, (group, offsets) in enumerate(zip(zopt.round_robin_bit16_groups, zopt.round_robin_bit16_offsets)):
-            entries = [(position.get(id(p), -1), int(off), p.numel()) for p, off in zip(group, offsets)]
-            self.layout.append((g, entries))
-        covered = [index for _, entries in self.layout for index, _, _ in entries]
-        if sorted(covered) != list(range(len(params))):
-            raise ConfigError(
-                f"method.name = mat: the ZeRO optimizer's parameters are not the model's {len(params)} trainable "
-                "ones; MAT needs exactly the trainable parameters in the optimizer"
-            )
-
-    def gather(self) -> list[torch.Tensor]:
-        """Full fp32 copies of the parameters, in `params` order (one all-gather per parameter group)."""
-        full: list[torch.Tensor | None] = [None] * len(self.params)
-        for (g, entries), part in zip(self.layout, self.partitions):
-            group = self.zopt.real_dp_process_group[g]
-            master = part.master.detach()
-            flat = torch.empty(master.numel() * dist.get_world_size(group), dtype=torch.float32, device=master.device)
-            _all_gather_flat(flat, master.float().contiguous(), group=group)
-            for index, offset, numel in entries:
-                device = self.params[index].device
-                full[index] = flat[offset : offset + numel].view_as(self.params[index]).to(device, copy=True)
-        return full  # type: ignore[return-value]
-
-    def write(self, values: list[torch.Tensor]) -> None:
-        """This process's fp32 partitions <- the matching slices of `values` (full fp32 tensors, `params` order)."""
-        position = {id(p): i for i, p in enumerate(self.params)}
-        with torch.no_grad():
-            for part in self.partitions:
-                for param, start, at, length in part.fragments:
-                    source = values[position[id(param)]].reshape(-1)[start : start + length]
-                    part.master[at : at + length].copy_(source.to(part.master.device, part.master.dtype))
-
-
 class MAT(Vanilla):
     """SGLD over embedding perturbations and parameters with EMAs and a final interpolation."""
 
@@ -125,23 +69,21 @@ class MAT(Vanilla):
         self.cfg = cfg.mat
         self.keyed = cfg.rng == "keyed"
 
+    @property
+    def needs_whole_parameters(self) -> str:
+        """The SGLD steps update whole parameters."""
+        return "its SGLD steps need whole parameters on every process"
+
     def setup(self, ctx: MethodContext) -> None:
-        """Refuse ZeRO-3, fp16 and BF16_Optimizer; under ZeRO-1/2 find the fp32 master partitions."""
+        """Refuse fp16 loss scaling; where the optimizer keeps fp32 master weights apart (ZeRO-1/2), work on them."""
         super().setup(ctx)
         self.params = [param for _, param in ctx.named_parameters]
-        self.master: _ZeroMaster | None = None
-        if is_deepspeed_engine(ctx.model):
-            if ctx.model.zero_optimization_stage() == 3:
-                raise ConfigError(
-                    "method.name = mat: ZeRO-3 partitions the parameters, and MAT's SGLD steps need them whole on "
-                    "every process; use ZeRO-1/2 or DDP"
-                )
-            if ctx.model.fp16_enabled():
-                raise ConfigError("method.name = mat: DeepSpeed fp16 is not supported (no loss scaling for SGLD)")
-            try:
-                self.master = _ZeroMaster(ctx.model, self.params)
-            except NotImplementedError as error:
-                raise ConfigError(f"method.name = mat: {error}") from None
+        if ctx.backend.fp16_loss_scaling:
+            raise ConfigError("method.name = mat: DeepSpeed fp16 is not supported (no loss scaling for SGLD)")
+        try:
+            self.master = ctx.backend.fp32_master_weights(self.params)
+        except (NotImplementedError, ValueError) as error:
+            raise ConfigError(f"method.name = mat: {error}") from None
 
     def _logits(self, embeds: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         extra = {k: v for k, v in model_inputs(batch).items() if k != "input_ids"}
@@ -167,7 +109,7 @@ class MAT(Vanilla):
         for k in range(cfg.k_delta):
             delta.requires_grad_(True)
             # The global-batch mean: the local mean over num_processes equal shares.
-            objective = _symmetric_kl(self._logits(embeds + delta, batch), clean) / self.ctx.num_processes
+            objective = _symmetric_kl(self._logits(embeds + delta, batch), clean) / self.ctx.backend.num_processes
             (grad,) = torch.autograd.grad(objective, [delta])
             noise = normal(mix_key(key, _DELTA_NOISE_STREAM, k)) * (math.sqrt(2 * cfg.eta_delta) * cfg.sigma_delta)
             delta = (delta.detach() + cfg.eta_delta * grad + noise) * token
@@ -208,9 +150,10 @@ class MAT(Vanilla):
                 first_loss, first_logits = loss.detach(), clean.detach()
             grads = torch.autograd.grad(objective, self.params, allow_unused=True)
             grads = [torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(theta, grads)]
-            if self.ctx.all_reduce_sum is not None:
-                flat = torch.cat([g.reshape(-1) for g in grads]) / self.ctx.num_processes
-                self.ctx.all_reduce_sum(flat)
+            backend = self.ctx.backend
+            if backend.distributed:
+                flat = torch.cat([g.reshape(-1) for g in grads]) / backend.num_processes
+                backend.all_reduce_sum(flat)
                 grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
             # A non-finite gradient on any process reaches every process through the all-reduce: all skip alike.
             if not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):

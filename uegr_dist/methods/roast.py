@@ -54,6 +54,11 @@ class RoAST(CoordinateMaskMethod):
         self.count = 0
         self.epoch = 0
 
+    @property
+    def needs_whole_parameters(self) -> str | None:
+        """The Fisher pre-pass runs on whole parameters."""
+        return self.fisher_reason
+
     def prepare(self, ctx: MethodContext) -> None:
         """Fisher pre-pass: the importance of the first epoch (canonical order)."""
         self.initial = self.fisher(ctx)
@@ -64,7 +69,8 @@ class RoAST(CoordinateMaskMethod):
         """Refresh p at an epoch start, accumulate this step's g^2 [n], draw the keyed Bernoulli mask."""
         cfg = self.cfg.roast
         # steps_per_epoch 0 (not given): one epoch, the pre-pass importance throughout.
-        epoch = step // self.ctx.steps_per_epoch if self.ctx.steps_per_epoch > 0 else 0
+        per_epoch = self.ctx.data.steps_per_epoch if self.ctx.data is not None else 0
+        epoch = step // per_epoch if per_epoch > 0 else 0
         if self.prob is None or (epoch != self.epoch and self.count > 0):
             if self.prob is None and self.sum_sq is None:
                 assert self.initial is not None

@@ -28,14 +28,12 @@ partitioned: eps cannot be added to whole parameters). Costs two forward-backwar
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 from torch import nn
 
-from uegr_dist.backward import is_deepspeed_engine
-from uegr_dist.config import ConfigError, MethodConfig
+from uegr_dist.config import MethodConfig
 from uegr_dist.methods.base import MethodContext, StepOutput
 from uegr_dist.methods.vanilla import Vanilla
 
@@ -49,26 +47,18 @@ class SAM(Vanilla):
         self.cfg = cfg.sam
         self._saved: list[torch.Tensor] | None = None
 
+    @property
+    def needs_whole_parameters(self) -> str:
+        """eps is added to whole parameters."""
+        return "eps is added to whole parameters"
+
     def setup(self, ctx: MethodContext) -> None:
-        """Refuse ZeRO-3; under ZeRO-1/2 restore theta right before the optimizer step inside the engine."""
+        """Put theta back right before every parameter update (under DeepSpeed the update runs inside the backward
+        at theta + eps; the ZeRO master partition never saw eps)."""
         super().setup(ctx)
         self.names = [name for name, _ in ctx.named_parameters]
         self.params = [param for _, param in ctx.named_parameters]
-        if is_deepspeed_engine(ctx.model):
-            if ctx.model.zero_optimization_stage() == 3:
-                raise ConfigError(
-                    "method.name = sam: ZeRO-3 partitions the parameters, so eps cannot be added to them; "
-                    "use ZeRO-1/2 or DDP"
-                )
-            zopt = ctx.model.optimizer
-            zero_step = zopt.step
-
-            @functools.wraps(zero_step)
-            def restored_step(*args: Any, **kwargs: Any) -> Any:
-                self._restore()
-                return zero_step(*args, **kwargs)
-
-            zopt.step = restored_step
+        ctx.backend.before_update(self._restore)
 
     def _gradients(self, loss: torch.Tensor, scale: float = 1.0) -> list[torch.Tensor]:
         """d(scale * loss)/dtheta for every parameter (zeros where unused), without any data-parallel hook."""
@@ -77,11 +67,12 @@ class SAM(Vanilla):
 
     def _average(self, grads: list[torch.Tensor]) -> None:
         """Mean over processes, in place (one all-reduce of the flattened gradient)."""
-        if self.ctx.all_reduce_sum is None:
+        backend = self.ctx.backend
+        if not backend.distributed:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
-        self.ctx.all_reduce_sum(flat)
-        flat /= self.ctx.num_processes
+        backend.all_reduce_sum(flat)
+        flat /= backend.num_processes
         torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
     @torch.no_grad()

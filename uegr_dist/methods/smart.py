@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from uegr_dist.backward import is_deepspeed_engine
-from uegr_dist.config import ConfigError, MethodConfig
+from uegr_dist.config import MethodConfig
 from uegr_dist.forward import at_least_float32, symmetric_kl
 from uegr_dist.methods.base import Method, MethodContext, StepOutput, task_loss
 from uegr_dist.methods.noise import embedding_inputs, noise_row_keys, normal_noise
@@ -78,16 +77,18 @@ class SMART(Method):
         self.teacher: dict[str, torch.Tensor] | None = None
         self.teacher_step = -1
 
+    @property
+    def needs_whole_parameters(self) -> str | None:
+        """The Bregman EMA teacher (bregman_mu > 0) copies whole parameters."""
+        if self.options.bregman_mu > 0:
+            mu = self.options.bregman_mu
+            return f"its EMA teacher (method.smart.bregman_mu = {mu}; 0 turns it off) copies whole parameters"
+        return None
+
     def setup(self, ctx: MethodContext) -> None:
-        """Embedding lookup of the unwrapped model; refuse the Bregman teacher where parameters are partitioned."""
+        """Embedding lookup of the unwrapped model."""
         super().setup(ctx)
         self.embeddings = ctx.base_model.get_input_embeddings()
-        if self.options.bregman_mu > 0 and is_deepspeed_engine(ctx.model):
-            if ctx.model.zero_optimization_stage() == 3:
-                raise ConfigError(
-                    f"method.smart.bregman_mu = {self.options.bregman_mu}: the EMA teacher needs full parameters on "
-                    "every process, which DeepSpeed ZeRO-3 partitions; use ZeRO-1/2 or DDP, or set bregman_mu 0"
-                )
 
     def _update_teacher(self, step: int) -> None:
         """theta~ <- beta theta~ + (1 - beta) theta once per optimizer step (a copy of theta at the first call)."""

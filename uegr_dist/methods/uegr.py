@@ -1,7 +1,8 @@
 """UEGR: adversarial embeddings + K adaptive-dropout sub-models in one stacked forward (forward stage), then
-saliency scores and a top-rho gradient mask (backward stage). DESIGN.md §1 gives the equations; every choice the
-paper's abstract leaves open is a config option (`MethodConfig`); the README's "Choices we had to make" lists the
-choices and why (there is no reference code to deviate from)."""
+saliency scores and a top-rho gradient mask (backward stage, run by the optimizer's step: `gradient_mask`).
+docs/design.md gives the equations; every choice the paper's abstract leaves open is a config option
+(`MethodConfig`); the README's "Choices we had to make" lists the choices and why (there is no reference code to
+deviate from)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from uegr_dist.backward import GradientMasker, MaskedAdamW, MaskOptions, ZeroGradientMasker, is_deepspeed_engine
+from uegr_dist.backward import MaskOptions
 from uegr_dist.config import MethodConfig
 from uegr_dist.forward import (
     DropoutRateSchedule,
@@ -48,30 +49,23 @@ class UEGR(Method):
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
-        drop = cfg.dropout
         self.schedule: DropoutRateSchedule | None = None
-        self.masker: GradientMasker | ZeroGradientMasker | None = None
-        self.n_chunks = drop.k + 1
-        self.masks_gradients = cfg.mask.enabled
+        self.n_chunks = cfg.dropout.k + 1
+
+    def gradient_mask(self, seed: int) -> MaskOptions | None:
+        """The top-rho saliency mask of `method.mask` (None when mask.enabled is false)."""
+        mask = self.cfg.mask
+        return MaskOptions.from_config(mask, seed=seed) if mask.enabled else None
 
     def setup(self, ctx: MethodContext) -> None:
-        """Install per-chunk dropout on the unwrapped model and build the rate schedule and the gradient masker."""
+        """Install per-chunk dropout on the unwrapped model and build the rate schedule."""
         super().setup(ctx)
-        drop, mask = self.cfg.dropout, self.cfg.mask
+        drop = self.cfg.dropout
         self.controller = install_chunk_dropout(ctx.base_model)
         self.embeddings = ctx.base_model.get_input_embeddings()
         self.schedule = DropoutRateSchedule(
             drop.k, drop.p_min, drop.p_max, mode=drop.schedule, target_js=drop.target_js, gain=drop.gain, seed=ctx.seed
         )
-        if mask.enabled:
-            options = MaskOptions.from_config(mask, seed=ctx.seed)
-            if is_deepspeed_engine(ctx.model):
-                # The ZeRO step runs inside accelerator.backward: the masker hooks into it and clips there.
-                self.masker = ZeroGradientMasker(
-                    ctx.model, ctx.named_parameters, options, max_grad_norm=ctx.max_grad_norm
-                )
-            else:
-                self.masker = GradientMasker(ctx.named_parameters, options)
 
     def _adversarial_delta(
         self, batch: dict[str, torch.Tensor], embeds: torch.Tensor, key: int, keyed: bool
@@ -132,8 +126,7 @@ class UEGR(Method):
         loss = clean_loss + cfg.alpha * adv_loss + cfg.beta * agreement
         measured = agreement.item()
         if cfg.dropout.schedule == "adaptive":
-            reduce = self.ctx.reduce_mean or float
-            self.schedule.update(reduce(measured))
+            self.schedule.update(float(self.ctx.backend.reduce_mean(agreement)))
         logs = {
             "task_loss": clean_loss.item(),
             "adv_loss": adv_loss.item(),
@@ -142,35 +135,16 @@ class UEGR(Method):
         }
         return StepOutput(loss, logits[0].detach(), logs)
 
-    def transform_gradients(self, step: int) -> dict[str, float]:
-        """Saliency + top-rho mask on the reduced gradients; hand the kept set to a MaskedAdamW."""
-        if self.masker is None:
-            return {}
-        if isinstance(self.masker, ZeroGradientMasker):
-            stats = self.masker.last_stats  # the masked ZeRO step already ran inside accelerator.backward
-            assert stats is not None
-            return {"mask_kept_fraction": stats.keep_fraction}
-        stats = self.masker.apply_(step)
-        optimizer = getattr(self.ctx.optimizer, "optimizer", self.ctx.optimizer)
-        if isinstance(optimizer, MaskedAdamW):
-            optimizer.set_update_masks(self.masker.update_masks())
-        return {"mask_kept_fraction": stats.kept / max(stats.total, 1)}
-
     def teardown(self) -> None:
         """Restore the model's original dropout modules and attention implementation."""
         self.controller.remove()
 
     def state_dict(self) -> dict[str, Any]:
-        """Rate controller and saliency EMA state."""
+        """The rate controller's state (the mask's saliency EMA is the optimizer's)."""
         assert self.schedule is not None
-        return {
-            "schedule": self.schedule.state_dict(),
-            "masker": self.masker.state_dict() if self.masker is not None else None,
-        }
+        return {"schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`."""
         assert self.schedule is not None
         self.schedule.load_state_dict(state["schedule"])
-        if self.masker is not None and state.get("masker") is not None:
-            self.masker.load_state_dict(state["masker"])

@@ -1,0 +1,121 @@
+"""The same runs through `uegr-train`'s `train()`, examples/accelerate_loop.py and `RobustTrainer`, one after the other
+in one process or under `accelerate launch`.
+
+Run as `python tests/distributed/library_run.py SPEC` with SPEC a JSON file:
+{"base": <uegr-train config dict>, "runs": [{"name": NAME, "via": "uegr-train" | "example" | "trainer",
+"method": <method section>}, ...], "deepspeed": <DeepSpeed JSON path or null>}. Each run trains the base config's
+model, data and training settings with its method and saves its model into base.train.output_dir/NAME (what the
+tests compare). The runs take one epoch of one global batch per step, over data where each batch is the whole
+training set, so every front-end sees the same rows at every step whatever order its sampler draws them in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate.state import AcceleratorState, PartialState
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "examples"))
+
+
+def run_uegr_train(base: dict, method: dict, out: Path) -> None:
+    from uegr_dist.config import load_config
+    from uegr_dist.config.loading import merge
+    from uegr_dist.engine.train_loop import train
+
+    raw = merge(base, {"method": method, "train": {"output_dir": str(out)}})
+    train(load_config(None, raw))
+
+
+def run_example(base: dict, method: dict, out: Path) -> None:
+    import accelerate_loop
+
+    t, d = base["train"], base["data"]
+    options = {k: v for k, v in method.items() if k != "name"}
+    accelerate_loop.main(
+        [
+            *("--model", base["model"]["name_or_path"], "--train-file", d["train_file"]),
+            *("--validation-file", d["validation_file"], "--output-dir", str(out), "--method", method["name"]),
+            *("--method-options", json.dumps(options), "--epochs", str(int(t["epochs"]))),
+            *("--batch-size", str(t["batch_size"]), "--lr", str(t["lr"]), "--weight-decay", str(t["weight_decay"])),
+            *("--warmup-ratio", str(t["warmup_ratio"]), "--max-grad-norm", str(t["max_grad_norm"])),
+            *("--max-length", str(d["max_length"]), "--pad-to-max-length", "--seed", str(t["seed"])),
+        ]
+    )
+
+
+def run_trainer(base: dict, method: dict, out: Path, deepspeed: str | None) -> None:
+    from datasets import load_dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
+
+    from uegr_dist.data import PaddingCollator
+    from uegr_dist.integrations import RobustTrainer
+
+    t, d = base["train"], base["data"]
+    cpu = not torch.cuda.is_available()
+    if cpu and deepspeed is not None:
+        # transformers sets DeepSpeed up without a backend, which gloo needs on CPU (it would see one process):
+        # configure the state with gloo first and tell the Trainer to use it.
+        PartialState(backend="gloo")
+    tokenizer = AutoTokenizer.from_pretrained(base["model"]["name_or_path"])
+    data = load_dataset("json", data_files={"train": d["train_file"]})["train"]
+    data = data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=d["max_length"]), batched=True)
+    data = data.rename_column("label", "labels").remove_columns(["text"])
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=t["batch_size"],
+        num_train_epochs=t["epochs"],
+        learning_rate=t["lr"],
+        weight_decay=t["weight_decay"],
+        warmup_steps=0,
+        lr_scheduler_type="linear",
+        max_grad_norm=t["max_grad_norm"],
+        seed=t["seed"],
+        save_strategy="no",
+        report_to=[],
+        logging_steps=1,
+        deepspeed=deepspeed,
+        disable_tqdm=True,
+        # On CPU: DDP needs use_cpu (accelerate's multi-CPU mode over gloo); DeepSpeed the state configured above.
+        use_cpu=cpu and deepspeed is None,
+        accelerator_config={"use_configured_state": cpu and deepspeed is not None},
+    )
+    trainer = RobustTrainer(
+        model=AutoModelForSequenceClassification.from_pretrained(base["model"]["name_or_path"]),
+        args=args,
+        train_dataset=data,
+        data_collator=PaddingCollator(tokenizer, regression=False, max_length=d["max_length"]),
+        method=method["name"],
+        method_options={k: v for k, v in method.items() if k != "name"},
+    )
+    trainer.train()
+    trainer.save_model(str(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("spec")
+    args = parser.parse_args()
+    spec = json.loads(Path(args.spec).read_text())
+    # train() and the example end with accelerator.end_training(), which destroys the process group that accelerate's
+    # state (a singleton) will not create again: the runs of one launch keep sharing it.
+    PartialState.destroy_process_group = lambda self, group=None: None  # type: ignore[method-assign]
+    root = Path(spec["base"]["train"]["output_dir"])
+    for run in spec["runs"]:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        out = root / run["name"]
+        if run["via"] == "uegr-train":
+            run_uegr_train(spec["base"], run["method"], out)
+        elif run["via"] == "example":
+            run_example(spec["base"], run["method"], out)
+        else:
+            run_trainer(spec["base"], run["method"], out, spec.get("deepspeed"))
+
+
+if __name__ == "__main__":
+    main()
