@@ -62,8 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--task", help="a registered task instead of --file (e.g. adv_sst2, anli_r1, hans; uegr-train --list-tasks)"
     )
-    p.add_argument("--task-path", help="local copy of the task's Hub dataset (save_to_disk folder); default: the Hub")
-    p.add_argument("--split", help="the task's split: validation (default), test, mismatched (MNLI)")
+    p.add_argument(
+        "--task-path",
+        help="local copy of the task (default: the Hub): a save_to_disk folder, the GLUE download's task folder "
+        "(SST-2/: dev.tsv, ...), or AdvGLUE's dev.json; uegr-train --list-tasks lists the layouts",
+    )
+    p.add_argument(
+        "--split",
+        help="the task's split: validation (default), test (with a GLUE folder: its labelled test_labeled.tsv), "
+        "mismatched (MNLI)",
+    )
     p.add_argument("--text-column", help="default: text")
     p.add_argument("--text-pair-column", help="second text of a pair (NLI hypothesis); default: none")
     p.add_argument("--label-column", help="default: label (ids, or names from the model's label2id)")

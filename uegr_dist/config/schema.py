@@ -56,7 +56,10 @@ class DataConfig:
     """A registered task (GLUE, AdvGLUE, ANLI, IMDB, AG News, PAWS, HANS: `uegr-train --list-tasks`), loaded from the
     Hub, or from `task_path` when set. The column, label and regression options below apply to files only."""
     task_path: str | None = None
-    """A local copy of the task's Hub dataset: a `DatasetDict.save_to_disk` folder or a folder of its data files."""
+    """A local copy of the task: a `DatasetDict.save_to_disk` folder or a folder of the Hub repository's data files
+    (any task); the GLUE download's task folder (`glue_data/SST-2` with train.tsv, dev.tsv; MNLI dev_matched.tsv,
+    dev_mismatched.tsv) or the folder holding it (GLUE tasks); AdvGLUE's dev.json or a folder holding it (adv_*
+    tasks). Layouts and label mapping: uegr_dist/data/layouts.py."""
     train_file: str | None = None
     validation_file: str | None = None
     text_column: str = "text"

@@ -1,7 +1,8 @@
 """The task registry: standard NLU datasets on the Hugging Face Hub, how to read them and how to score them.
 
 `--data.task NAME` trains on a registered task; `data.task_path` points at a local copy (a folder written by
-`DatasetDict.save_to_disk`, or a folder of the Hub repository's data files) for clusters without Hub access. Every
+`DatasetDict.save_to_disk`, a folder of the Hub repository's data files, or the layouts of the GLUE and AdvGLUE
+downloads: uegr_dist.data.layouts) for clusters without Hub access. Every
 entry lists the Hub dataset id and config, which split plays which role, the text columns, the label names (their
 order is the Hub `ClassLabel` order, so ids match the Hub data) or regression, and the metrics reported.
 
@@ -19,11 +20,13 @@ Robustness sets: AdvGLUE for SST-2, QQP, MNLI (matched and mismatched), QNLI and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 
+from uegr_dist.data import layouts
 from uegr_dist.data.errors import DataError
 
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman", "mse")
@@ -243,16 +246,28 @@ def get_task(name: str) -> TaskSpec:
         raise DataError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
 
 
-def _read_local(path: Path, spec: TaskSpec) -> datasets.DatasetDict:
-    """A local copy: a `save_to_disk` folder, or a folder of data files named after the Hub splits."""
+def _read_local(path: Path, spec: TaskSpec, roles: list[str]) -> Mapping[str, datasets.Dataset]:
+    """A local copy (Hub split name -> Dataset): a `save_to_disk` folder, a GLUE TSV folder, AdvGLUE's dev.json
+    (uegr_dist.data.layouts), or a folder of data files named after the Hub splits."""
     if not path.exists():
         raise DataError(f"data.task_path = {str(path)!r}: does not exist")
+    if spec.name in layouts.ADVGLUE_KEYS and (file := layouts.advglue_file(path)) is not None:
+        return layouts.read_advglue(file, spec)
+    if path.is_file():
+        raise DataError(
+            f"data.task_path = {str(path)!r}: a file; task {spec.name} takes {layouts.accepted_layouts(spec)}"
+        )
     if (path / "dataset_dict.json").is_file():
         return datasets.load_from_disk(str(path))
+    if (folder := layouts.glue_folder(path, spec)) is not None:
+        return layouts.read_glue_folder(folder, spec, roles)
     try:
         return datasets.load_dataset(str(path))
     except Exception as err:  # datasets raises several types for an unreadable folder
-        raise DataError(f"data.task_path = {str(path)!r}: not a readable copy of {spec.hub_id}: {err}") from err
+        raise DataError(
+            f"data.task_path = {str(path)!r}: not a readable copy of {spec.hub_id}: {err}. Task {spec.name} takes "
+            f"{layouts.accepted_layouts(spec)}"
+        ) from err
 
 
 def load_task_splits(
@@ -264,7 +279,7 @@ def load_task_splits(
     so a local copy shaped differently from the Hub dataset fails here, naming the difference."""
     roles = roles or list(spec.splits)
     if path is not None:
-        data = _read_local(Path(path), spec)
+        data = _read_local(Path(path), spec, roles)
     else:
         try:
             data = datasets.load_dataset(spec.hub_id, spec.hub_config)
@@ -272,14 +287,16 @@ def load_task_splits(
             raise DataError(
                 f"task {spec.name}: could not load {spec.hub_id}"
                 f"{f' ({spec.hub_config})' if spec.hub_config else ''} from the Hub: {err}. Without Hub access, save "
-                "the dataset elsewhere (DatasetDict.save_to_disk) and pass --data.task_path DIR"
+                "the dataset elsewhere (DatasetDict.save_to_disk) and pass --data.task_path DIR (it takes "
+                f"{layouts.accepted_layouts(spec)})"
             ) from err
     where = path or spec.hub_id
     out = {}
     for role in roles:
         split = spec.splits[role]
         if split not in data:
-            raise DataError(f"task {spec.name}: {where} has no split {split!r} (has: {', '.join(data)})")
+            hint = f"; task_path takes {layouts.accepted_layouts(spec)}" if path is not None else ""
+            raise DataError(f"task {spec.name}: {where} has no split {split!r} (has: {', '.join(data)}){hint}")
         out[role] = data[split]
         check_features(spec, out[role], f"{where}[{split}]")
     return out
@@ -306,4 +323,15 @@ def describe_tasks() -> str:
         hub = t.hub_id + (f"/{t.hub_config}" if t.hub_config else "")
         labels = "regr." if t.regression else str(t.num_labels)
         rows.append(f"{t.name:22} {hub:44} {labels:8} {','.join(t.metrics):18} {','.join(t.splits)}")
+    folders = ", ".join(layout.folder for layout in layouts.GLUE_LAYOUTS.values())
+    rows += [
+        "",
+        "Without Hub access, --data.task_path (uegr-eval --task-path) takes a local copy:",
+        "  any task     a DatasetDict.save_to_disk folder, or a folder of the Hub repository's data files",
+        "  GLUE tasks   the task's folder of the GLUE download (https://gluebenchmark.com/tasks) or the folder holding",
+        f"               it: {folders}",
+        "               (train.tsv, dev.tsv; MNLI dev_matched.tsv, dev_mismatched.tsv); the test split is a labelled",
+        "               test_labeled.tsv (GLUE's own test.tsv has no labels and is never scored)",
+        "  adv_* tasks  AdvGLUE's dev.json (https://adversarialglue.github.io/) or a folder holding it",
+    ]
     return "\n".join(rows)
