@@ -249,3 +249,55 @@ def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
     batches = [epoch0[j : j + 16] for j in range(0, 1000, 16)]  # as the DataLoader cuts them: each from one group
     spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
     assert sorted(spread)[len(spread) // 2] <= 4
+
+
+# --- data.max_train_samples: a seeded slice of train --------------------------------------------------------------
+
+
+def _raw(path, seed=0, validation=None, **cfg):
+    from uegr_dist.data import load_raw_task
+
+    data = DataConfig(train_file=str(path), validation_file=validation and str(validation), **cfg)
+    return load_raw_task(data, seed)
+
+
+def test_max_train_samples_is_a_seeded_slice_shared_by_training_seeds(tmp_path):
+    train = _write_jsonl(tmp_path / "train.jsonl", [{"text": f"w{i}", "label": i % 2} for i in range(200)])
+    val = _write_jsonl(tmp_path / "val.jsonl", [{"text": f"v{i}", "label": i % 2} for i in range(20)])
+    full = _raw(train, validation=val)
+    sliced = _raw(train, validation=val, max_train_samples=40)
+    texts = sliced.train["text"]
+    assert len(texts) == 40 and set(texts) < set(full.train["text"])
+    assert texts != full.train["text"][:40]  # a random slice, not the head of the file
+    assert sliced.validation["text"] == full.validation["text"]
+    assert _raw(train, seed=7, validation=val, max_train_samples=40).train["text"] == texts  # any train.seed
+    assert set(_raw(train, validation=val, max_train_samples=10).train["text"]) < set(texts)  # nested
+    other = _raw(train, validation=val, max_train_samples=40, max_train_samples_seed=1).train["text"]
+    assert len(other) == 40 and other != texts
+    assert len(_raw(train, validation=val, max_train_samples=500).train) == 200  # at most all rows
+
+
+def test_max_train_samples_is_drawn_after_the_held_out_validation(tmp_path):
+    path = _write_jsonl(tmp_path / "train.jsonl", [{"text": f"w{i}", "label": i % 2} for i in range(200)])
+    full = _raw(path, seed=3, validation_ratio=0.25)
+    sliced = _raw(path, seed=3, validation_ratio=0.25, max_train_samples=60)
+    assert sliced.validation["text"] == full.validation["text"]  # validation does not change with the slice
+    assert len(sliced.train) == 60 and set(sliced.train["text"]) < set(full.train["text"])
+    assert _raw(path, seed=3, validation_ratio=0.25, max_train_samples=60).train["text"] == sliced.train["text"]
+    # another train.seed holds out other rows; the slice still follows the same seeded order of the file's rows
+    other = _raw(path, seed=4, validation_ratio=0.25, max_train_samples=60).train["text"]
+    assert len(other) == 60 and len(set(other) & set(sliced.train["text"])) >= 35
+
+
+def test_max_train_samples_must_be_a_positive_integer():
+    from uegr_dist.config import ConfigError, load_config
+
+    for value, message in ((0, r"data.max_train_samples = 0: must be in \[1, inf"),
+                           ("4k", r"data.max_train_samples = '4k': expected an integer"),
+                           (-3, r"data.max_train_samples = -3: must be in \[1, inf")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, {"data": {"task": "sst2", "max_train_samples": value}})
+    with pytest.raises(ConfigError, match=r"data.max_train_samples_seed = -1: must be in \[0, 4294967295\]"):
+        load_config(None, {"data": {"task": "sst2", "max_train_samples_seed": -1}})
+    cfg = load_config(None, {"data": {"task": "sst2", "max_train_samples": 4000}})
+    assert (cfg.data.max_train_samples, cfg.data.max_train_samples_seed) == (4000, 0)

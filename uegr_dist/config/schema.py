@@ -82,7 +82,15 @@ class DataConfig:
     multi-process run to reproduce a one-process run on data of varying length)."""
     validation_ratio: float = bounded(0.1, 0.0, 0.9, lo_open=True)
     max_train_samples: int | None = bounded(None, 1)
+    """Train on a random slice of this many training rows (None: all). Drawn after the validation split is fixed
+    (validation file or split, or the held-out `validation_ratio`), so validation is the same with and without it.
+    The slice depends on `max_train_samples_seed` and the data, not on `train.seed`: every seed and method of a study
+    trains on the same rows, and a smaller slice is a subset of a larger one. (Only with a held-out validation, which
+    `train.seed` draws, do the slices of two seeds differ in the rows one of them holds out.)"""
+    max_train_samples_seed: int = bounded(0, 0, 2**32 - 1)
+    """Seed of the `max_train_samples` slice (change it to measure the variance across slices)."""
     max_eval_samples: int | None = bounded(None, 1)
+    """Evaluate on the first this many rows of each validation split (None: all)."""
 
 
 @dataclass

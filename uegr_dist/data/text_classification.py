@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import codecs
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -133,8 +135,22 @@ def _check_texts(ds: datasets.Dataset, where: str, columns: list[str]) -> None:
                 raise DataError(f"{where}: row {row}: {what} text in column {column!r}")
 
 
+def train_slice(rows: Sequence[int], n: int, seed: int, source_rows: int) -> list[int]:
+    """Positions in `rows` (source row numbers of the training split) of the `n` rows that come first in one seeded
+    order of all `source_rows` rows, in source order. The order depends on `seed` and `source_rows` only (numpy's
+    frozen RandomState stream), not on the training seed: every seed and method gets the same slice; a smaller `n` is a
+    subset of a larger one."""
+    order = np.random.RandomState(seed).permutation(source_rows)
+    rank = np.empty(source_rows, dtype=np.int64)
+    rank[order] = np.arange(source_rows)
+    chosen = np.argsort(rank[np.asarray(rows, dtype=np.int64)], kind="stable")[:n]
+    return sorted(chosen.tolist())
+
+
 def load_raw_task(cfg: DataConfig, seed: int) -> RawTask:
-    """Read the configured task or files; check columns, rows and texts; split off validation if there is none."""
+    """Read the configured task or files; check columns, rows and texts; split off validation if there is none; then
+    keep the `data.max_train_samples` slice of train (`train_slice`, seeded by `data.max_train_samples_seed`, not by
+    the run's `seed`, which seeds only the held-out validation split)."""
     if cfg.task is not None:
         spec = get_task(cfg.task)
         if spec.eval_only:
@@ -173,6 +189,7 @@ def load_raw_task(cfg: DataConfig, seed: int) -> RawTask:
     for role, ds in splits.items():
         _check_texts(ds, sources[role], text_columns)
     train = splits.pop("train")
+    source_rows = len(train)
     if "validation" in splits:
         validation = splits.pop("validation")
     else:
@@ -182,8 +199,8 @@ def load_raw_task(cfg: DataConfig, seed: int) -> RawTask:
         if len(validation) == 0 or len(train) == 0:
             n = len(train) + len(validation)
             raise DataError(f"{sources['train']}: too few rows ({n}) to split off validation")
-    if cfg.max_train_samples is not None:
-        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
+        train = train.select(train_slice(_rows(train), cfg.max_train_samples, cfg.max_train_samples_seed, source_rows))
     if cfg.max_eval_samples is not None:
         validation = validation.select(range(min(cfg.max_eval_samples, len(validation))))
         splits = {r: ds.select(range(min(cfg.max_eval_samples, len(ds)))) for r, ds in splits.items()}
