@@ -296,6 +296,8 @@ def test_advglue_dev_json_gives_every_adv_task_from_the_file_or_its_folder(tmp_p
             assert ds[fields[0]] == [item[fields[0]] for item in data[key]]
             assert ds["label"] == [i % k for i in range(len(data[key]))] and ds["idx"][0] == 10
             assert ds.features["label"].names == list(spec.label_names)
+    with pytest.raises(DataError, match=r"no column 'sentence' \(columns: sst2, qqp, .*task_path takes .*GLUE"):
+        load_task_splits(get_task("sst2"), str(path.parent), ["validation"])  # AdvGLUE's folder given for the GLUE task
 
 
 def test_advglue_errors_name_the_file_the_key_and_the_item(tmp_path):

@@ -298,7 +298,12 @@ def load_task_splits(
             hint = f"; task_path takes {layouts.accepted_layouts(spec)}" if path is not None else ""
             raise DataError(f"task {spec.name}: {where} has no split {split!r} (has: {', '.join(data)}){hint}")
         out[role] = data[split]
-        check_features(spec, out[role], f"{where}[{split}]")
+        try:
+            check_features(spec, out[role], f"{where}[{split}]")
+        except DataError as err:
+            if path is None:
+                raise
+            raise DataError(f"{err}; task_path takes {layouts.accepted_layouts(spec)}") from None
     return out
 
 
