@@ -67,6 +67,7 @@ class GlueLayout:
     """Column names of train/dev/labelled-test files without a header row (CoLA)."""
 
     def known_files(self) -> list[str]:
+        """Every file name of the layout (any of them marks a folder as this task's GLUE folder)."""
         return [*self.files.values(), self.test, *self.labelled_test]
 
 
