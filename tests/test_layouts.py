@@ -177,8 +177,8 @@ def test_the_folder_holding_the_glue_download_and_training_through_load_raw_task
     assert test["label"] == expected_labels("mrpc", glue_rows("mrpc", 4))
 
 
-def test_sst2_labelled_test_tsv_is_scored_but_glue_test_tsv_is_not(tmp_path):
-    """A test.tsv with the label column (a labelled copy under GLUE's name) is read; GLUE's is refused."""
+def test_a_test_tsv_with_the_label_column_is_the_test_split(tmp_path):
+    """A labelled copy saved under GLUE's name test.tsv is read (GLUE's own, without labels, is refused above)."""
     folder = write_glue_folder(tmp_path, "sst2")
     write_glue_file(folder / "test.tsv", "sst2", glue_rows("sst2", 3))
     assert load_task_splits(get_task("sst2"), str(folder), ["test"])["test"]["label"] == [0, 1, 0]
