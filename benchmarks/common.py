@@ -1,5 +1,5 @@
 """What every benchmark script shares: model presets, synthetic data, run configs, timers, memory probes, the
-machine/version record and the FLOP formula (DESIGN §6)."""
+machine/version record and the FLOP formula (docs/design.md §5)."""
 
 from __future__ import annotations
 
@@ -321,8 +321,8 @@ def model_shape(model: torch.nn.Module) -> dict[str, int]:
 
 
 def flops_per_token(shape: dict[str, int], seq: int, backward: bool = True) -> float:
-    """Model FLOPs per token (DESIGN §6): forward + backward 6 N + 12 L d S, forward only 2 N + 4 L d S, with N the
-    parameters outside the embedding tables (a lookup multiplies nothing), L layers, d width, S sequence length."""
+    """Model FLOPs per token (docs/design.md §5): forward + backward 6 N + 12 L d S, forward only 2 N + 4 L d S, with N
+    the parameters outside the embedding tables (a lookup multiplies nothing), L layers, d width, S sequence length."""
     n, layers, hidden = shape["non_embedding_params"], shape["layers"], shape["hidden"]
     if backward:
         return 6.0 * n + 12.0 * layers * hidden * seq

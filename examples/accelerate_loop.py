@@ -5,32 +5,39 @@ with AdamW, a linear schedule and `accelerator.prepare`) on local JSON-lines fil
 `# UEGR`. Everything else is the plain loop. It runs as is on one process, under DDP and under DeepSpeed ZeRO:
 
     python examples/accelerate_loop.py --model MODEL_DIR --train-file train.jsonl --validation-file dev.jsonl
-    accelerate launch --config_file configs/accelerate/cpu-2proc-zero2.yaml examples/accelerate_loop.py ...
+    accelerate launch --config_file configs/accelerate/multi-gpu-zero2.yaml examples/accelerate_loop.py ...
+    # without GPUs: --cpu for DDP (cpu-2proc-ddp.yaml), --backend gloo for DeepSpeed (cpu-2proc-zero2.yaml)
 
-Files: one JSON object per line with "text" and an integer "label". `--method` takes any method with a forward stage
-(uegr, vanilla, rdrop, freelb, smart, hype, asa, childtuning_f); `--method-options` its config section as JSON, e.g.
-'{"rng": "keyed", "dropout": {"k": 3}, "mask": {"ratio": 0.2}}'. With the same settings this loop trains the same
-model as `uegr-train` (tested to 1e-6, one process, DDP and ZeRO-2).
+Files: one JSON object per line with "text" and "label" (a class name or an integer id). `--method` takes any
+method with a forward stage (uegr, vanilla, rdrop, freelb, smart, hype, asa, childtuning_f); `--method-options` its
+config section as JSON, e.g. '{"rng": "keyed", "dropout": {"k": 3}, "mask": {"ratio": 0.2}}'. With the same settings
+this loop trains the same model as `uegr-train` (tested to 1e-6: one process, DDP and ZeRO-2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from datasets import load_dataset
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from datasets import ClassLabel, load_dataset
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 import uegr_dist  # UEGR
 
 
-def get_dataloaders(accelerator: Accelerator, args: argparse.Namespace, tokenizer) -> tuple[DataLoader, DataLoader]:
-    """Tokenized train / validation loaders (padded per batch, or to --max-length with --pad-to-max-length)."""
+def get_dataloaders(
+    accelerator: Accelerator, args: argparse.Namespace, tokenizer
+) -> tuple[DataLoader, DataLoader, int]:
+    """Tokenized train / validation loaders (padded per batch, or to --max-length with --pad-to-max-length) and the
+    number of classes (string labels get ids in sorted order, integer labels keep theirs)."""
     data = load_dataset("json", data_files={"train": args.train_file, "validation": args.validation_file})
+    names = sorted(set(data["train"]["label"]))
+    data = data.cast_column("label", ClassLabel(names=[str(name) for name in names]))
 
     def tokenize_function(examples):
         return tokenizer(examples["text"], truncation=True, max_length=args.max_length)
@@ -50,15 +57,22 @@ def get_dataloaders(accelerator: Accelerator, args: argparse.Namespace, tokenize
         data["train"], shuffle=True, collate_fn=collate_fn, batch_size=args.batch_size, generator=generator
     )
     eval_dataloader = DataLoader(data["validation"], shuffle=False, collate_fn=collate_fn, batch_size=64)
-    return train_dataloader, eval_dataloader
+    return train_dataloader, eval_dataloader, len(names)
 
 
 def training_function(args: argparse.Namespace) -> None:
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum)
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum,
+        kwargs_handlers=[InitProcessGroupKwargs(backend=args.backend)] if args.backend else [],
+    )
+    if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+        raise SystemExit("every process would train on all the data: without GPUs add --cpu (DDP), or --backend gloo")
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    train_dataloader, eval_dataloader = get_dataloaders(accelerator, args, tokenizer)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model)
+    train_dataloader, eval_dataloader, num_labels = get_dataloaders(accelerator, args, tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=num_labels)
 
     loss_fn = uegr_dist.RobustLoss(args.method, seed=args.seed, **json.loads(args.method_options))  # UEGR
     optimizer = uegr_dist.SelectiveAdamW(  # UEGR: AdamW whose step() masks, clips, then updates
@@ -131,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--pad-to-max-length", action="store_true")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--cpu", action="store_true", help="train on CPU (several CPU processes: DDP over gloo)")
+    parser.add_argument("--backend", help="process-group backend, e.g. gloo for DeepSpeed on CPU")
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args(argv)
 

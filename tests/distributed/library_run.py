@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def run_uegr_train(base: dict, method: dict, out: Path) -> None:
     train(load_config(None, raw))
 
 
-def run_example(base: dict, method: dict, out: Path) -> None:
+def run_example(base: dict, method: dict, out: Path, deepspeed: str | None) -> None:
     import accelerate_loop
 
     t, d = base["train"], base["data"]
@@ -45,8 +46,16 @@ def run_example(base: dict, method: dict, out: Path) -> None:
             *("--batch-size", str(t["batch_size"]), "--lr", str(t["lr"]), "--weight-decay", str(t["weight_decay"])),
             *("--warmup-ratio", str(t["warmup_ratio"]), "--max-grad-norm", str(t["max_grad_norm"])),
             *("--max-length", str(d["max_length"]), "--pad-to-max-length", "--seed", str(t["seed"])),
+            *_cpu_flags(deepspeed),
         ]
     )
+
+
+def _cpu_flags(deepspeed: str | None) -> list[str]:
+    """Without GPUs the example needs accelerate's CPU mode for DDP, and the gloo backend for DeepSpeed."""
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return []
+    return ["--backend", "gloo"] if deepspeed else ["--cpu"]
 
 
 def run_trainer(base: dict, method: dict, out: Path, deepspeed: str | None) -> None:
@@ -112,7 +121,7 @@ def main() -> None:
         if run["via"] == "uegr-train":
             run_uegr_train(spec["base"], run["method"], out)
         elif run["via"] == "example":
-            run_example(spec["base"], run["method"], out)
+            run_example(spec["base"], run["method"], out, spec.get("deepspeed"))
         else:
             run_trainer(spec["base"], run["method"], out, spec.get("deepspeed"))
 

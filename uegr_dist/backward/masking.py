@@ -1,4 +1,5 @@
-"""UEGR's selective update (DESIGN §1.5): keep the most salient rho fraction of gradient coordinates, zero the rest.
+"""UEGR's selective update (docs/design.md §1.5): keep the most salient rho fraction of gradient coordinates, zero
+the rest.
 
 `GradientMasker` scores every covered coordinate (saliency.py), selects per segment (one segment for scope
 "global", one per tensor, or one per transformer layer) and multiplies the gradients by the mask in place. The

@@ -1,4 +1,5 @@
-"""Per-coordinate parameter saliency (DESIGN §1.4), written with fused ops into one preallocated flat fp32 buffer.
+"""Per-coordinate parameter saliency (docs/design.md §1.4), written with fused ops into one preallocated flat fp32
+buffer.
 
 Kinds: "taylor" s = |theta * g| (first-order Taylor estimate of the loss change when the coordinate is removed,
 the default), "grad_sq" s = g^2, "fisher_ema" s = EMA over steps of g^2 (an empirical Fisher diagonal, as RoAST and

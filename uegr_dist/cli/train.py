@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from uegr_dist.config import ConfigError, load_config
 from uegr_dist.data.errors import DataError
+from uegr_dist.data.preflight import check_data_inputs
 
 EXIT_BAD_INPUT = 2
 EXIT_PUSH_FAILED = 4
@@ -55,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = [*overrides, "--train.resume", args.resume]
     try:
         cfg = load_config(args.config, overrides)
-        # Heavy imports only after the config is known to be valid.
+        check_data_inputs(cfg.data)  # files, columns, task names: at once, before the training stack loads
+        # Heavy imports only after the config and data settings are known to be valid.
         from uegr_dist.engine.checkpoint import CheckpointError
         from uegr_dist.engine.guard import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteLossError, Preempted
         from uegr_dist.engine.train_loop import train

@@ -139,7 +139,7 @@ class TrainConfig:
 
 @dataclass
 class DropoutConfig:
-    """The K adaptive-dropout sub-models (DESIGN §1.2)."""
+    """The K adaptive-dropout sub-models (docs/design.md §1.2)."""
 
     k: int = bounded(2, 1, 8)
     p_min: float = bounded(0.05, 0.0, 0.95)
@@ -151,7 +151,7 @@ class DropoutConfig:
 
 @dataclass
 class AdversaryConfig:
-    """Embedding-space adversary (DESIGN §1.1)."""
+    """Embedding-space adversary (docs/design.md §1.1)."""
 
     steps: int = bounded(1, 0, 20)
     eps: float = bounded(0.1, 0.0)
@@ -162,8 +162,8 @@ class AdversaryConfig:
 
 @dataclass
 class MaskConfig:
-    """Saliency scores and the top-rho gradient mask (DESIGN §1.4-5). Every field but `enabled` is a `MaskOptions`
-    field of the same name (`MaskOptions.from_config`)."""
+    """Saliency scores and the top-rho gradient mask (docs/design.md §1.4-1.5). Every field but `enabled` is a
+    `MaskOptions` field of the same name (`MaskOptions.from_config`)."""
 
     enabled: bool = True
     ratio: float = bounded(0.3, 0.0, 1.0, lo_open=True)

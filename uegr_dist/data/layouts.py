@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import datasets
-
 from uegr_dist.data.errors import DataError
 
 if TYPE_CHECKING:
+    import datasets
+
     from uegr_dist.data.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -239,6 +239,8 @@ def _read_glue_file(
     path: Path, spec: TaskSpec, layout: GlueLayout, headerless: tuple[str, ...] | None
 ) -> datasets.Dataset:
     """One GLUE TSV -> Dataset with the registry's text columns, `label` (ids or a float score) and `idx`."""
+    import datasets
+
     lines = _lines(path)
     if headerless is not None:
         header = list(headerless)
@@ -320,6 +322,8 @@ def advglue_file(path: Path) -> Path | None:
 
 def read_advglue(file: Path, spec: TaskSpec) -> dict[str, datasets.Dataset]:
     """Hub split name -> Dataset (the registry's columns, label ids and `idx`) for an AdvGLUE task, from dev.json."""
+    import datasets
+
     key = ADVGLUE_KEYS[spec.name]
     try:
         data = json.loads(file.read_text(encoding="utf-8"))

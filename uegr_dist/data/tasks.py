@@ -23,11 +23,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from uegr_dist.data import layouts
 from uegr_dist.data.errors import DataError
+
+if TYPE_CHECKING:
+    import datasets
 
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman", "mse")
 """Metric names the evaluation computes (uegr_dist.evaluation.metrics)."""
@@ -249,6 +251,8 @@ def get_task(name: str) -> TaskSpec:
 def _read_local(path: Path, spec: TaskSpec, roles: list[str]) -> Mapping[str, datasets.Dataset]:
     """A local copy (Hub split name -> Dataset): a `save_to_disk` folder, a GLUE TSV folder, AdvGLUE's dev.json
     (uegr_dist.data.layouts), or a folder of data files named after the Hub splits."""
+    import datasets
+
     if not path.exists():
         raise DataError(f"data.task_path = {str(path)!r}: does not exist")
     if spec.name in layouts.ADVGLUE_KEYS and (file := layouts.advglue_file(path)) is not None:
@@ -277,6 +281,8 @@ def load_task_splits(
 
     The features are checked against the registry (text columns present; ClassLabel names equal to `label_names`),
     so a local copy shaped differently from the Hub dataset fails here, naming the difference."""
+    import datasets
+
     roles = roles or list(spec.splits)
     if path is not None:
         data = _read_local(Path(path), spec, roles)
@@ -309,6 +315,8 @@ def load_task_splits(
 
 def check_features(spec: TaskSpec, ds: datasets.Dataset, where: str) -> None:
     """Columns present, and the label names of a ClassLabel column equal to the registry's."""
+    import datasets
+
     for column in (spec.text_column, spec.text_pair_column, spec.label_column):
         if column and column not in ds.column_names:
             columns = ", ".join(ds.column_names)

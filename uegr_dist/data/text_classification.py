@@ -8,7 +8,6 @@ same files, tokenizer and max length reuse the cache; a changed one re-tokenizes
 
 from __future__ import annotations
 
-import codecs
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,10 +21,9 @@ from transformers import PreTrainedTokenizerBase
 
 from uegr_dist.config import DataConfig
 from uegr_dist.data.errors import DataError
+from uegr_dist.data.preflight import FILE_BUILDERS, check_file
 from uegr_dist.data.tasks import TaskSpec, get_task, load_task_splits
 
-_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_TEXT_FORMATS = (".csv", ".tsv", ".json", ".jsonl")
 ROW = "_source_row"
 
 
@@ -68,39 +66,11 @@ class RawTask:
         return [str(t) for c in columns for t in self.train[c]]
 
 
-def check_utf8(path: Path) -> None:
-    """Raise a DataError naming the line and byte offset of the first byte sequence that is not UTF-8."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = line = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as err:
-                bad = offset + err.start
-                line_no = line + chunk[: err.start].count(b"\n") + 1
-                raise DataError(
-                    f"{path}: not UTF-8 text (line {line_no}, byte {bad}: {chunk[err.start : err.start + 4]!r}); "
-                    "re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
-                ) from None
-            offset += len(chunk)
-            line += chunk.count(b"\n")
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text (truncated multi-byte character at the end)") from None
-
-
 def read_table(path: str | Path) -> datasets.Dataset:
     """Read one CSV/TSV/JSON/JSONL/Parquet file into a Dataset (errors name the file)."""
     path = Path(path)
-    builder = _BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(sorted(_BUILDERS))})")
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    if path.suffix.lower() in _TEXT_FORMATS:
-        check_utf8(path)
+    check_file(path)
+    builder = FILE_BUILDERS[path.suffix.lower()]
     kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
         return datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)

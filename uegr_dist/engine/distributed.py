@@ -1,7 +1,8 @@
 """The one place that picks the process-group backend and builds the Accelerator.
 
-GPU: NCCL. CPU: gloo, with DeepSpeed's CPU accelerator (DESIGN §3): without `backend="gloo"` accelerate reports one
-process while DeepSpeed runs several, and every rank then sees all the data — so start-up checks the world size.
+GPU: NCCL. CPU: gloo, with DeepSpeed's CPU accelerator (docs/design.md §3): without `backend="gloo"` accelerate
+reports one process while DeepSpeed runs several, and every rank then sees all the data — so start-up checks the world
+size.
 """
 
 from __future__ import annotations

@@ -199,8 +199,8 @@ class ZeroStepGuard:
       masker's) runs first at each accumulation boundary, when this rank's partition of the averaged gradient is in
       place. It checks that loss and the norm of every gradient partition of this rank (fp16: the loss only) and
       agrees with the other ranks in one all-reduce of one number. A finite step goes on through the hooks below it
-      to DeepSpeed. A non-finite one calls DeepSpeed's own ZeRO `step` directly (the method's hooks do not run, as
-      `transform_gradients` does not without DeepSpeed) with its overflow flag forced, exactly as for an fp16
+      to DeepSpeed. A non-finite one calls DeepSpeed's own ZeRO `step` directly (the mask's hooks do not run, as the
+      optimizer's step does not without DeepSpeed) with its overflow flag forced, exactly as for an fp16
       loss-scale overflow but leaving the loss scaler as DeepSpeed would: DeepSpeed drops the gradients and returns
       before the inner optimizer, so no parameter, master weight, moment or step count changes; the engine counts the
       step in `skipped_steps` and accelerate then skips the LR scheduler step;

@@ -70,7 +70,7 @@ def card_info_from_run(out: Path, config: dict[str, Any], summary: dict[str, Any
         dataset_id = get_task(data_cfg["task"]).hub_id
     return CardInfo(
         name=out.name,
-        base_model=str(config["model"]["name_or_path"]),
+        base_model=_base_model(config["model"]),
         method=str(config["method"]["name"]),
         hyperparameters=hyper,
         data=data,
@@ -80,6 +80,13 @@ def card_info_from_run(out: Path, config: dict[str, Any], summary: dict[str, Any
         num_processes=int(summary.get("train", {}).get("num_processes", 1)),
         robustness=read_robustness(out),
     )
+
+
+def _base_model(model: dict[str, Any]) -> str:
+    """What the run started from: the pretrained model, or a random initialisation of an architecture."""
+    if model.get("init", "pretrained") == "random":
+        return f"a randomly initialised {model.get('architecture')} (no pretrained weights)"
+    return str(model["name_or_path"])
 
 
 # Train keys that say where and how a run was executed, not what the model is.
@@ -151,8 +158,22 @@ def record_robustness(model_dir: Path, summary: dict[str, Any]) -> None:
         (model_dir / CARD).write_text(render_model_card(info), encoding="utf-8")
 
 
+_METRIC_NAMES = {"f1": "F1", "mcc": "MCC", "mse": "MSE"}
+
+
 def _metric_name(key: str) -> str:
-    return key.replace("_", " ").capitalize()
+    return _METRIC_NAMES.get(key, key.replace("_", " ").capitalize())
+
+
+def _is_hub_id(name: str) -> bool:
+    """A Hub repository id (user/name or name), not a local path, a package path or a description."""
+    return (
+        bool(name) and " " not in name and not name.startswith(("package:", "/", ".", "~")) and not Path(name).exists()
+    )
+
+
+def _described(base_model: str) -> str:
+    return base_model.capitalize() if " " in base_model else f"`{base_model}`"
 
 
 def render_model_card(info: CardInfo) -> str:
@@ -203,7 +224,7 @@ def render_model_card(info: CardInfo) -> str:
                 )
             )
     data = ModelCardData(
-        base_model=info.base_model if not info.base_model.startswith(("package:", "/", ".")) else None,
+        base_model=info.base_model if _is_hub_id(info.base_model) else None,
         datasets=[info.dataset_id] if info.dataset_id else None,
         library_name="transformers",
         pipeline_tag="text-classification",
@@ -218,7 +239,7 @@ def render_model_card(info: CardInfo) -> str:
         "",
         f"# {info.name}",
         "",
-        f"`{info.base_model}` fine-tuned for sequence classification with **{info.method}** by uegr-dist "
+        f"{_described(info.base_model)} fine-tuned for sequence classification with **{info.method}** by uegr-dist "
         f"{__version__} ({info.steps} optimizer steps on {info.num_processes} process(es)).",
         "",
         "## Data",

@@ -1,4 +1,5 @@
-"""Adversarial embedding perturbation (DESIGN 1.1): normalized gradient ascent on delta, projected onto an eps-ball."""
+"""Adversarial embedding perturbation (docs/design.md §1.1): normalized gradient ascent on delta, projected onto an
+eps-ball."""
 
 from __future__ import annotations
 
