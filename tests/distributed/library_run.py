@@ -3,7 +3,8 @@ in one process or under `accelerate launch`.
 
 Run as `python tests/distributed/library_run.py SPEC` with SPEC a JSON file:
 {"base": <uegr-train config dict>, "runs": [{"name": NAME, "via": "uegr-train" | "example" | "trainer",
-"method": <method section>}, ...], "deepspeed": <DeepSpeed JSON path or null>}. Each run trains the base config's
+"method": <method section>, "train": <optional overrides of the train section: grad_accum, mixed_precision>}, ...],
+"deepspeed": <DeepSpeed JSON path or null>}. Each run trains the base config's
 model, data and training settings with its method and saves its model into base.train.output_dir/NAME (what the
 tests compare). The runs take one epoch of one global batch per step, over data where each batch is the whole
 training set, so every front-end sees the same rows at every step whatever order its sampler draws them in.
@@ -31,6 +32,11 @@ def run_uegr_train(base: dict, method: dict, out: Path) -> None:
 
     raw = merge(base, {"method": method, "train": {"output_dir": str(out)}})
     train(load_config(None, raw))
+    (out / "losses.json").write_text(json.dumps(_finite_losses(out / "metrics.json")), encoding="utf-8")
+
+
+def _finite_losses(metrics: Path) -> list[float]:
+    return [entry["loss"] for entry in json.loads(metrics.read_text())["train_loss"]]
 
 
 def run_example(base: dict, method: dict, out: Path, deepspeed: str | None) -> None:
@@ -80,6 +86,8 @@ def run_trainer(base: dict, method: dict, out: Path, deepspeed: str | None) -> N
         per_device_train_batch_size=t["batch_size"],
         num_train_epochs=t["epochs"],
         learning_rate=t["lr"],
+        gradient_accumulation_steps=t.get("grad_accum", 1),
+        bf16=t.get("mixed_precision") == "bf16",
         weight_decay=t["weight_decay"],
         warmup_steps=0,
         lr_scheduler_type="linear",
@@ -104,6 +112,8 @@ def run_trainer(base: dict, method: dict, out: Path, deepspeed: str | None) -> N
     )
     trainer.train()
     trainer.save_model(str(out))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    (out / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
 
 
 def main() -> None:
@@ -118,12 +128,13 @@ def main() -> None:
     for run in spec["runs"]:
         AcceleratorState._reset_state(reset_partial_state=False)
         out = root / run["name"]
+        base = {**spec["base"], "train": {**spec["base"]["train"], **run.get("train", {})}}
         if run["via"] == "uegr-train":
-            run_uegr_train(spec["base"], run["method"], out)
+            run_uegr_train(base, run["method"], out)
         elif run["via"] == "example":
-            run_example(spec["base"], run["method"], out, spec.get("deepspeed"))
+            run_example(base, run["method"], out, spec.get("deepspeed"))
         else:
-            run_trainer(spec["base"], run["method"], out, spec.get("deepspeed"))
+            run_trainer(base, run["method"], out, spec.get("deepspeed"))
 
 
 if __name__ == "__main__":

@@ -333,6 +333,8 @@ class GradientMasker:
         self.score_views = self._views(self.scores)
         self.layout = MaskLayout(self.segment_offsets, self.position_runs, [param.numel() for param in self.params])
         self._mask: torch.Tensor | None = None
+        self.last_stats: MaskStats | None = None
+        """What the last `apply_` kept."""
         self.step = 0
         """Index of the next step (keys soft masks and selectors); counts `apply_` calls unless given."""
 
@@ -358,7 +360,8 @@ class GradientMasker:
         masked = [(grad, view) for grad, view in zip(grads, factors) if grad is not None]
         if masked:
             torch._foreach_mul_([grad for grad, _ in masked], [view for _, view in masked])
-        return MaskStats(int(keep.count_nonzero()), self.total, self.k.numel(), mean_threshold)
+        self.last_stats = MaskStats(int(keep.count_nonzero()), self.total, self.k.numel(), mean_threshold)
+        return self.last_stats
 
     def update_masks(self) -> dict[torch.nn.Parameter, torch.Tensor]:
         """Bool keep mask per covered parameter (shaped like it; views into one flat buffer) from the last apply_."""

@@ -17,6 +17,8 @@ NamedParameters = Iterable[tuple[str, nn.Parameter]]
 class Masker(Protocol):
     """What the optimizer needs of a gradient masker (`GradientMasker`, or `ZeroGradientMasker` inside a ZeRO step)."""
 
+    last_stats: MaskStats | None
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -95,7 +97,6 @@ class SelectiveAdamW(MaskedAdamW):
         self.masker: Any = None
         self.backend: MaskingBackend | None = None
         self.zero = False
-        self._local_stats: MaskStats | None = None
         self._before_update: list[Callable[[], None]] = []
         self._known = {id(param) for _, param in named}
 
@@ -119,9 +120,7 @@ class SelectiveAdamW(MaskedAdamW):
     @property
     def last_mask_stats(self) -> MaskStats | None:
         """What the last step's mask kept (None before the first masked step or without a mask)."""
-        if self.masker is not None and hasattr(self.masker, "last_stats"):
-            return self.masker.last_stats
-        return self._local_stats
+        return None if self.masker is None else self.masker.last_stats
 
     def mask_state_dict(self) -> dict[str, Any] | None:
         """The masker's state (step count, saliency EMA); None without a mask. Per process under ZeRO."""
@@ -150,7 +149,7 @@ class SelectiveAdamW(MaskedAdamW):
         if self.mask is not None:
             if self.masker is None:
                 self.masker = GradientMasker(self.named_parameters, self.mask)
-            self._local_stats = self.masker.apply_()
+            self.masker.apply_()
             if self.mask.freeze_masked:
                 self.set_update_masks(self.masker.update_masks())
         if self.max_grad_norm > 0:
