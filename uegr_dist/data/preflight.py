@@ -77,14 +77,9 @@ def check_data_inputs(cfg: DataConfig) -> None:
     """What can be checked of `cfg` without reading the data: a registered task name (trainable, and a task_path that
     exists), or training / validation files that exist, are UTF-8 and name the text and label columns."""
     if cfg.task is not None:
-        from uegr_dist.data.tasks import get_task
+        from uegr_dist.data.tasks import trainable_task
 
-        spec = get_task(cfg.task)
-        if spec.eval_only:
-            raise DataError(
-                f"task {spec.name} is evaluation-only (splits: {', '.join(spec.splits)}): fine-tune on "
-                f"{spec.train_task} and evaluate with `uegr-eval --task {spec.name}`"
-            )
+        trainable_task(cfg.task)
         if cfg.task_path is not None and not Path(cfg.task_path).exists():
             raise DataError(f"data.task_path = {cfg.task_path!r}: does not exist")
         return

@@ -248,6 +248,17 @@ def get_task(name: str) -> TaskSpec:
         raise DataError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
 
 
+def trainable_task(name: str) -> TaskSpec:
+    """The registered task `name`, refused (DataError) when it has no training split (AdvGLUE, HANS)."""
+    spec = get_task(name)
+    if spec.eval_only:
+        raise DataError(
+            f"task {spec.name} is evaluation-only (splits: {', '.join(spec.splits)}): fine-tune on "
+            f"{spec.train_task} and evaluate with `uegr-eval --task {spec.name}`"
+        )
+    return spec
+
+
 def _read_local(path: Path, spec: TaskSpec, roles: list[str]) -> Mapping[str, datasets.Dataset]:
     """A local copy (Hub split name -> Dataset): a `save_to_disk` folder, a GLUE TSV folder, AdvGLUE's dev.json
     (uegr_dist.data.layouts), or a folder of data files named after the Hub splits."""

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from uegr_dist.config import DataConfig
 from uegr_dist.data.errors import DataError
 from uegr_dist.data.preflight import FILE_BUILDERS, check_file
-from uegr_dist.data.tasks import TaskSpec, get_task, load_task_splits
+from uegr_dist.data.tasks import TaskSpec, load_task_splits, trainable_task
 
 ROW = "_source_row"
 
@@ -122,12 +122,7 @@ def load_raw_task(cfg: DataConfig, seed: int) -> RawTask:
     keep the `data.max_train_samples` slice of train (`train_slice`, seeded by `data.max_train_samples_seed`, not by
     the run's `seed`, which seeds only the held-out validation split)."""
     if cfg.task is not None:
-        spec = get_task(cfg.task)
-        if spec.eval_only:
-            raise DataError(
-                f"task {spec.name} is evaluation-only (splits: {', '.join(spec.splits)}): fine-tune on "
-                f"{spec.train_task} and evaluate with `uegr-eval --task {spec.name}`"
-            )
+        spec = trainable_task(cfg.task)
         roles = [r for r in spec.splits if r != "test"]
         splits = load_task_splits(spec, cfg.task_path, roles)
         where = cfg.task_path or spec.hub_id
