@@ -17,13 +17,14 @@ from tests.conftest import NEGATIVE_WORDS, POSITIVE_WORDS, TINY_MODELS, write_ea
 from uegr_dist.config import ConfigError
 from uegr_dist.data.text_classification import DataError
 from uegr_dist.robustness import evaluate_robustness, load_examples
-from uegr_dist.robustness.candidates import CharEdits, SynonymCandidates
+from uegr_dist.robustness.candidates import CharEdits, MaskedLMCandidates, SynonymCandidates
 from uegr_dist.robustness.config import EvalDataConfig
 from uegr_dist.robustness.examples import Example
 from uegr_dist.robustness.metrics import summarize_text_attack
-from uegr_dist.robustness.search import SearchBudget, greedy_attack
+from uegr_dist.robustness.search import SearchBudget, attack_examples, greedy_attack, score_requests
 from uegr_dist.robustness.stopwords import is_stop_word
 from uegr_dist.robustness.text_edits import (
+    EDIT_KINDS,
     KEYBOARD_NEIGHBOURS,
     char_candidates,
     edit_distance,
@@ -173,8 +174,19 @@ def test_synonym_file_and_word_vectors(tmp_path):
 # ---------------------------------------------------------------- fast path vs reference
 
 
-def reference_greedy(model, tokenizer, text: str, label: int, kinds, max_candidates: int, fraction: float, seed: int):
-    """The char attack written the slow, obvious way: one forward per model input."""
+def chunk_end(n: int, total: int) -> int:
+    """How many of `total` candidates are scored when the first flip is candidate n: chunks of 4, 4, 8, 16, ..."""
+    end = 4
+    while end <= n:
+        end *= 2
+    return min(end, total)
+
+
+def reference_greedy(
+    model, tokenizer, text: str, label: int, kinds, max_candidates: int, fraction: float, seed: int, first_flip: bool
+):
+    """The char attack written the slow, obvious way: one forward per model input. first_flip: a word's candidates
+    are tried in order and the first that flips the prediction ends the search (its chunk still counts as queries)."""
 
     def prob(t: str) -> torch.Tensor:
         with torch.no_grad():
@@ -194,11 +206,16 @@ def reference_greedy(model, tokenizer, text: str, label: int, kinds, max_candida
         if len(current) >= math.floor(fraction * len(spans) + 1e-9):
             break
         best = None
-        for cand in char_candidates(spans[i].text, kinds, 1, max_candidates, rng):
+        candidates = char_candidates(spans[i].text, kinds, 1, max_candidates, rng)
+        for n, cand in enumerate(candidates):
             t = replace_words(text, spans, {**current, i: cand})
             p = prob(t)
             queries += 1
             key = (int(p.argmax()) == label, float(p[label]))
+            if first_flip and not key[0]:
+                best = (key, cand, t)
+                queries += chunk_end(n, len(candidates)) - (n + 1)
+                break
             if best is None or key < best[0]:
                 best = (key, cand, t)
         if best is None or (best[0][0] and best[0][1] >= current_p):
@@ -209,26 +226,125 @@ def reference_greedy(model, tokenizer, text: str, label: int, kinds, max_candida
     return current_text, queries
 
 
-def test_batched_greedy_search_equals_one_forward_per_candidate_reference(victim_dir, eval_file):
+@pytest.mark.parametrize("first_flip", [False, True])
+def test_batched_greedy_search_equals_one_forward_per_candidate_reference(victim_dir, eval_file, first_flip):
     model = AutoModelForSequenceClassification.from_pretrained(victim_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(victim_dir)
     victim = Victim(model, tokenizer, batch_size=16, max_length=64)
     kinds = ["swap", "substitute", "delete"]
     label2id = model.config.label2id
     examples = load_examples(EvalDataConfig(file=str(eval_file), max_examples=8), label2id, 2)
+    clean = victim.probabilities([ex.text for ex in examples])
     statuses = set()
-    for ex in examples:
-        clean = victim.probabilities([ex.text])[0]
-        if int(clean.argmax()) != ex.label:
-            continue
-        # Two word budgets, so that both outcomes (flipped, budget exhausted) are compared.
-        fraction = 0.3 if ex.index % 2 else 0.5
+    # Two word budgets, so that both outcomes (flipped, budget exhausted) are compared.
+    for fraction in (0.3, 0.5):
         budget = SearchBudget(max_word_fraction=fraction, query_budget=10_000)
-        row = greedy_attack(victim, ex, clean, CharEdits(kinds, 1, 256), budget, random.Random(ex.index))
-        ref_text, ref_queries = reference_greedy(model, tokenizer, ex.text, ex.label, kinds, 256, fraction, ex.index)
-        assert (row["adversarial_text"], row["queries"]) == (ref_text, ref_queries)
-        statuses.add(row["status"])
+        rngs = [random.Random(ex.index) for ex in examples]
+        rows = attack_examples(victim, examples, clean, CharEdits(kinds, 1, 256), budget, rngs, "auto", first_flip)
+        for ex, row in zip(examples, rows):
+            if row["status"] == "skipped":
+                continue
+            args = (ex.text, ex.label, kinds, 256, fraction, ex.index, first_flip)
+            assert (row["adversarial_text"], row["queries"]) == reference_greedy(model, tokenizer, *args)
+            statuses.add(row["status"])
     assert statuses == {"success", "failed"}
+
+
+def attack_setting(setting: str, victim_dir: Path, eval_file: Path, mlm_dir: Path, synonym_file: Path):
+    """(examples, source, budget, target) of one setting of the exactness tests; each has successes and failures."""
+    examples = load_examples(EvalDataConfig(file=str(eval_file), max_examples=24), {"neg": 0, "pos": 1}, 2)
+    budget = SearchBudget(max_word_fraction=0.5, query_budget=2000, max_total_edits=30)
+    source, target = CharEdits(list(EDIT_KINDS), 1, 64), "auto"
+    if setting == "char-budgets":
+        # 2 edits per word but 3 per text (the edit filter decides), 16 candidates, queries run out mid-word.
+        source, budget = CharEdits(list(EDIT_KINDS), 2, 16), SearchBudget(0.5, 40, True, 3)
+    elif setting.startswith("pairs"):
+        # Pairs (a short first text, the file's text second); auto edits the second text, "pairs-first" the first.
+        examples = [Example(e.index, f"p{e.index % 20} n{e.index % 7}", e.text, e.label) for e in examples]
+        target = "text" if setting == "pairs-first" else "auto"
+    elif setting == "word-mlm":
+        source, budget = MaskedLMCandidates(str(mlm_dir), 16), SearchBudget(0.3, 2000)
+    elif setting == "word-synonym":
+        source, budget = SynonymCandidates(str(synonym_file), 0.5, 50), SearchBudget(0.3, 2000)
+    return examples, source, budget, target
+
+
+SETTINGS = ["char", "char-budgets", "pairs", "pairs-first", "word-mlm", "word-synonym"]
+
+
+def clean_probabilities(victim: Victim, examples: list[Example]) -> torch.Tensor:
+    pairs = [e.text_pair for e in examples] if examples[0].text_pair is not None else None
+    return victim.probabilities([e.text for e in examples], pairs)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_attack_examples_gives_the_rows_of_the_one_example_search(
+    setting, victim_dir, eval_file, mlm_dir, synonym_file
+):
+    """stop_at_first_flip=False: exactly the rows of `greedy_attack` (the search before attack_examples), although
+    the examples share forwards of rows grouped by length (batch size 8: every forward mixes examples)."""
+    examples, source, budget, target = attack_setting(setting, victim_dir, eval_file, mlm_dir, synonym_file)
+    reference = load_victim(str(victim_dir), 32, 64)
+    clean = clean_probabilities(reference, examples)
+    expected = [
+        greedy_attack(reference, e, c, source, budget, random.Random(e.index), target) for e, c in zip(examples, clean)
+    ]
+    fast = load_victim(str(victim_dir), 8, 64)
+    rngs = [random.Random(e.index) for e in examples]
+    rows = attack_examples(fast, examples, clean, source, budget, rngs, target, stop_at_first_flip=False)
+    assert rows == expected
+    assert {r["status"] for r in rows} >= {"success", "failed"}
+    # Queries count every candidate scored, as before; a search computes a repeated model input once.
+    assert fast.queries <= sum(r["queries"] - 1 for r in rows)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_first_flip_search_has_the_same_outcome_on_every_example(setting, victim_dir, eval_file, mlm_dir, synonym_file):
+    """stop_at_first_flip=True vs False: the same status, words and replacements on every example, except the last
+    replacement of a success (the first flipping candidate instead of the most confident one); never more queries.
+    So the attacked accuracy and success rate are the same."""
+    examples, source, budget, target = attack_setting(setting, victim_dir, eval_file, mlm_dir, synonym_file)
+    victim = load_victim(str(victim_dir), 8, 64)
+    clean = clean_probabilities(victim, examples)
+
+    def run(first_flip: bool) -> list[dict]:
+        rngs = [random.Random(e.index) for e in examples]
+        return attack_examples(victim, examples, clean, source, budget, rngs, target, first_flip)
+
+    exhaustive, first = run(False), run(True)
+    for a, b in zip(first, exhaustive):
+        assert a["status"] == b["status"] and a["queries"] <= b["queries"]
+        assert [c["word"] for c in a["changes"]] == [c["word"] for c in b["changes"]]
+        differ = [c for c, d in zip(a["changes"], b["changes"]) if c != d]
+        if a["status"] != "success":
+            assert a == b
+        else:
+            assert len(differ) <= 1 and a["adversarial_prediction"] != a["label"]
+    assert summarize_text_attack(first)["attacked_accuracy"] == summarize_text_attack(exhaustive)["attacked_accuracy"]
+    if setting.startswith("char"):  # 16 or 64 candidates per word (word-synonym has 1-2, fewer than a chunk)
+        assert sum(a["queries"] for a in first) < sum(b["queries"] for b in exhaustive)
+
+
+def test_requests_scored_together_equal_each_request_scored_alone(victim_dir, eval_file):
+    """score_requests (rows of all requests sorted by length, each distinct model input of a search computed once)
+    vs the plain per-request scoring; a repeated input (here: unknown words, all [UNK]) gets the very same numbers."""
+    victim = load_victim(str(victim_dir), 4, 64)
+    texts = [json.loads(line)["text"] for line in eval_file.read_text().splitlines()][:12]
+    requests = [
+        ([" ".join(t.split()[: 2 + k % 7]) for t in texts[k : k + 3]] + ["the zzz p1", "the qqq p1"], None)
+        for k in range(0, 12, 3)
+    ]
+    requests.append((["p1 n2", "n3"], ["n4 p5", "zzz"]))  # pairs go in forwards of their own
+    known = [{} for _ in requests]
+    answers = score_requests(victim, requests, known)
+    for (texts_r, pairs_r), answer in zip(requests, answers):
+        torch.testing.assert_close(answer, victim.probabilities(texts_r, pairs_r), rtol=0, atol=1e-6)
+    assert all(torch.equal(a[-1], a[-2]) for a in answers[:-1])  # "zzz" and "qqq" are the same model input
+    computed = victim.queries
+    victim.queries = 0
+    again = score_requests(victim, requests, known)  # all known: nothing computed
+    assert victim.queries == 0 and all(torch.equal(a, b) for a, b in zip(again, answers))
+    assert computed == 2 * sum(len(t) for t, _ in requests) - 4  # scored alone + together minus the 4 repeats
 
 
 # ---------------------------------------------------------------- the attacks on a trained model

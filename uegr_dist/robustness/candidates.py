@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,8 +32,9 @@ class CharEdits:
     def __init__(self, kinds: list[str], max_edits: int, max_candidates: int) -> None:
         self.kinds, self.max_edits, self.max_candidates = list(kinds), max_edits, max_candidates
 
-    def prepare(self, text: str, spans: list[WordSpan]) -> None:
-        """Nothing to precompute."""
+    def prepare(self, text: str, spans: list[WordSpan]) -> Callable[[int, random.Random], list[str]]:
+        """Nothing to precompute: the candidates of word i are drawn when asked for."""
+        return lambda i, rng: self.candidates(spans, i, rng)
 
     def candidates(self, spans: list[WordSpan], i: int, rng: random.Random) -> list[str]:
         """Edited versions of word i."""
@@ -71,8 +73,8 @@ class MaskedLMCandidates:
         return word if _ONE_WORD.fullmatch(word) else None
 
     @torch.no_grad()
-    def prepare(self, text: str, spans: list[WordSpan]) -> None:
-        """One forward of the masked LM over `text`; caches the candidates of every word."""
+    def prepare(self, text: str, spans: list[WordSpan]) -> Callable[[int, random.Random], list[str]]:
+        """One forward of the masked LM over `text`; the candidates of every word of it."""
         enc = self.tokenizer(
             text, return_offsets_mapping=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
@@ -91,6 +93,8 @@ class MaskedLMCandidates:
                 if word is not None and word.lower() != span.text.lower():
                     words[_like(word, span.text)] = None
             self._per_word[i] = list(words)
+        per_word = self._per_word
+        return lambda i, rng: per_word.get(i, [])
 
     def candidates(self, spans: list[WordSpan], i: int, rng: random.Random) -> list[str]:
         """The masked LM's replacements for word i (computed by `prepare`)."""
@@ -163,8 +167,9 @@ class SynonymCandidates:
                 out.append(self.vocab[j])
         return out
 
-    def prepare(self, text: str, spans: list[WordSpan]) -> None:
-        """Nothing to precompute."""
+    def prepare(self, text: str, spans: list[WordSpan]) -> Callable[[int, random.Random], list[str]]:
+        """Nothing to precompute: the synonyms of word i are looked up when asked for."""
+        return lambda i, rng: self.candidates(spans, i, rng)
 
     def candidates(self, spans: list[WordSpan], i: int, rng: random.Random) -> list[str]:
         """Synonyms of word i in its case pattern."""

@@ -38,6 +38,9 @@ class SearchConfig:
     protect_stop_words: bool = True
     # Which text of a pair is edited: auto = the second (hypothesis) when the data has pairs, else the first.
     target: str = field(default="auto", metadata={"choices": ("auto", "text", "text_pair")})
+    # true: a word's candidates are scored in chunks and the search stops at the first one that flips the prediction
+    # (fewer queries, the same outcome per example); false: all are scored and the most confident flip is kept.
+    stop_at_first_flip: bool = True
 
 
 @dataclass

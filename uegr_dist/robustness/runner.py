@@ -22,7 +22,7 @@ from uegr_dist.robustness.examples import Example, load_examples, prediction_map
 from uegr_dist.robustness.metrics import summarize_pgd, summarize_text_attack
 from uegr_dist.robustness.pgd import pgd_batch
 from uegr_dist.robustness.report import write_report
-from uegr_dist.robustness.search import CandidateSource, SearchBudget, greedy_attack
+from uegr_dist.robustness.search import CandidateSource, SearchBudget, attack_examples
 from uegr_dist.robustness.victim import Victim, load_victim
 
 TEXT_ATTACKS = ("char", "word-mlm", "word-synonym")
@@ -102,14 +102,15 @@ def _candidate_source(name: str, cfg: EvalConfig, device: torch.device) -> Candi
 def run_text_attack(
     name: str,
     victim: Victim,
-    examples: list[Example],
+    batches: list[list[Example]],
     clean_probs: dict[int, torch.Tensor],
     source: CandidateSource,
     cfg: EvalConfig,
     show_progress: bool,
 ) -> list[dict[str, Any]]:
-    """Greedy attack `name` on `examples` (this process's share) -> JSONL rows. Each example's random numbers come
-    from a generator keyed by (seed, attack, example index): the same on any process."""
+    """Greedy attack `name` on this process's share of the global batches -> JSONL rows. The examples of a batch
+    are searched together (their model inputs share forwards); each example's random numbers come from a generator
+    keyed by (seed, attack, example index): the same on any process."""
     budget = SearchBudget(
         max_word_fraction=cfg.search.max_word_fraction,
         query_budget=cfg.search.query_budget,
@@ -117,10 +118,14 @@ def run_text_attack(
         max_total_edits=cfg.char.max_total_edits if name == "char" else None,
     )
     rows = []
-    for example in tqdm(examples, desc=f"attack {name}", disable=not show_progress):
-        rng = random.Random(mix_key(cfg.seed, _ATTACK_STREAM[name], example.index))
-        row = greedy_attack(victim, example, clean_probs[example.index], source, budget, rng, cfg.search.target)
-        rows.append(row)
+    total = sum(len(batch) for batch in batches)
+    with tqdm(total=total, desc=f"attack {name}", disable=not show_progress) as bar:
+        for batch in batches:
+            rngs = [random.Random(mix_key(cfg.seed, _ATTACK_STREAM[name], e.index)) for e in batch]
+            probs = [clean_probs[e.index] for e in batch]
+            target, first_flip = cfg.search.target, cfg.search.stop_at_first_flip
+            rows += attack_examples(victim, batch, probs, source, budget, rngs, target, first_flip)
+            bar.update(len(batch))
     return rows
 
 
@@ -163,7 +168,7 @@ def evaluate_robustness(cfg: EvalConfig | Mapping[str, Any]) -> dict[str, Any]:
         tic, queries = time.perf_counter(), victim.queries
         if name in TEXT_ATTACKS:
             source = _candidate_source(name, cfg, procs.device)
-            local = run_text_attack(name, victim, mine, clean_probs, source, cfg, show)
+            local = run_text_attack(name, victim, batches, clean_probs, source, cfg, show)
             rows[name] = procs.gather_rows(local)
             attacks[name] = summarize_text_attack(rows[name])
         else:

@@ -46,6 +46,10 @@ class Victim:
         )
         return {k: v.to(self.device) for k, v in enc.items() if k in self.tokenizer.model_input_names}
 
+    def token_ids(self, texts: list[str], pairs: list[str] | None) -> list[list[int]]:
+        """The input ids `encode` gives each row, unpadded: equal ids = the same model input."""
+        return self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)["input_ids"]
+
     @torch.no_grad()
     def probabilities(self, texts: list[str], pairs: list[str] | None = None) -> torch.Tensor:
         """Class probabilities float32 [N, C] of N inputs, computed in forwards of at most `batch_size` rows."""
