@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
 
 from tests.conftest import run_reaped, train_victim
 from tests.test_robustness import read_rows, write_eval_file
@@ -60,6 +61,11 @@ def test_models_saved_by_uegr_train_are_accepted_as_is(arch, method, eval_file, 
     assert summary["n_examples"] == 8 and set(summary["attacks"]) == {"char", "pgd_l2"}
     assert summary["attacks"]["pgd_l2"]["curve"][0]["accuracy"] == summary["clean"]["accuracy"]
     assert len(read_rows(out / "examples_char.jsonl")) == 8
+    # The results join the model's card (written by uegr-train), loadable by the Hub client.
+    card = ModelCard.load(model / "README.md")
+    got = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert got["Accuracy under char attack"] == pytest.approx(summary["attacks"]["char"]["attacked_accuracy"])
+    assert "## Robustness (uegr-eval)" in card.text
 
 
 def test_cli_refuses_to_overwrite_a_finished_evaluation(victim_dir, eval_file, tmp_path, capsys):

@@ -4,12 +4,14 @@ saved classifier under offline adversarial attacks (also `python -m uegr_dist.cl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from uegr_dist.config.loading import ConfigError, merge, parse_overrides
-from uegr_dist.data.text_classification import DataError
+from uegr_dist.data.errors import DataError
 
 EXIT_BAD_INPUT = 2
 
@@ -156,7 +158,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parts.append(f"{name}={m['attacked_accuracy']:.4f}")
     print(f"done: {cfg.output_dir} | " + ", ".join(parts))
+    record_in_model_card(cfg.model, summary)
     return 0
+
+
+def record_in_model_card(model: str, summary: dict[str, Any]) -> None:
+    """Add the results to the model directory's robustness_results.json and model card (process 0; a directory that
+    cannot be written, e.g. a read-only copy, only gets a warning)."""
+    directory = Path(model)
+    if int(os.environ.get("RANK", "0")) != 0 or not directory.is_dir():
+        return
+    from uegr_dist.engine.model_card import record_robustness
+
+    try:
+        record_robustness(directory, summary)
+    except OSError as err:
+        print(f"uegr-eval: warning: the results were not added to {directory}'s model card: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":
