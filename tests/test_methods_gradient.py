@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import re
 
@@ -324,6 +325,139 @@ def test_mat_equals_reference_sgld():
     assert max(float((p.detach() - theta_0[n]).abs().max()) for n, p in fast.named_parameters()) > 1e-3
 
 
+def perturbed_gradients(model, batch, eps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gradient of the mean cross-entropy at theta + eps (on a copy of the model)."""
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in perturbed.named_parameters():
+            p.add_(eps[n])
+    return gradients(perturbed, ce(perturbed, batch))
+
+
+def delta_sam_reference(model, batch, rho, tau, score):
+    """Delta-SAM from its definition, with B backward passes where the method needs none: s_i from the autograd
+    gradient of l_i with respect to the logits (or l_i), lambda = softmax(s / tau), g_w = sum_i lambda_i grad l_i from
+    per-example gradients, eps = rho g_w / ||g_w||; the gradient of the mean loss at theta + eps."""
+    names = [n for n, _ in model.named_parameters()]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+    scores, per_example = [], []
+    for i in range(losses.numel()):
+        (dz,) = torch.autograd.grad(losses[i], logits, retain_graph=True)
+        scores.append(dz[i].norm() if score == "grad_norm" else losses[i].detach())
+        grads = torch.autograd.grad(losses[i], list(model.parameters()), retain_graph=True, allow_unused=True)
+        per_example.append([torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)])
+    lam = torch.softmax(torch.stack(scores) / tau, dim=0)
+    g_w = {n: sum(lam[i] * per_example[i][k] for i in range(len(per_example))) for k, n in enumerate(names)}
+    norm = torch.sqrt(sum((g**2).sum() for g in g_w.values()))
+    eps = {n: rho * g / norm for n, g in g_w.items()}
+    return losses.mean(), perturbed_gradients(model, batch, eps), lam
+
+
+@pytest.mark.parametrize(("score", "tau"), [("grad_norm", 0.02), ("loss", 0.05)])
+def test_delta_sam_equals_reference(score, tau):
+    rho = 0.1
+    fast, losses, logs = run_method(
+        {"name": "delta_sam", "delta_sam": {"rho": rho, "temperature": tau, "score": score}}, [BATCH]
+    )
+    model = tiny_model()
+    loss, grads, lam = delta_sam_reference(model, BATCH, rho, tau, score)
+    assert float(lam.max() / lam.min()) > 1.5  # the weights do differ across the batch
+    reference_adamw_step(model, grads, fast_grads=logs[0]["grads"])
+    assert losses[0] == pytest.approx(loss.item(), rel=1e-6)
+    assert_same_model(fast, model)
+
+
+def test_delta_sam_with_a_large_temperature_is_sam():
+    delta, _, _ = run_method({"name": "delta_sam", "delta_sam": {"rho": 0.1, "temperature": 1e12}}, [BATCH, BATCH])
+    sam, _, _ = run_method({"name": "sam", "sam": {"rho": 0.1}}, [BATCH, BATCH])
+    assert_same_model(delta, sam, atol=1e-12)
+
+
+def fisher_sam_reference(model, batch, rho, eta):
+    """eps = rho F^-1 g / sqrt(g^T F^-1 g), F = diag(1 + eta g^2) of the batch gradient g."""
+    loss = ce(model, batch)
+    g = gradients(model, loss)
+    fisher = {n: 1.0 + eta * gi**2 for n, gi in g.items()}
+    quadratic = sum((gi * gi / fisher[n]).sum() for n, gi in g.items())
+    eps = {n: rho * (gi / fisher[n]) / torch.sqrt(quadratic) for n, gi in g.items()}
+    return loss, perturbed_gradients(model, batch, eps)
+
+
+def test_fisher_sam_equals_reference_and_eta_zero_is_sam():
+    # eta large enough that 1 + eta g^2 differs from 1 on the larger coordinates of the tiny model's gradient.
+    rho, eta = 0.2, 1e4
+    fast, losses, logs = run_method({"name": "fisher_sam", "fisher_sam": {"rho": rho, "eta": eta}}, [BATCH])
+    model = tiny_model()
+    loss, grads = fisher_sam_reference(model, BATCH, rho, eta)
+    reference_adamw_step(model, grads, fast_grads=logs[0]["grads"])
+    assert losses[0] == pytest.approx(loss.item(), rel=1e-6)
+    # The method's 1e-12 floor under sqrt(g^T F^-1 g) (about 1e-2 here) shifts eps by 1e-10 relative.
+    assert_same_model(fast, model, atol=1e-9)
+    _, sam_grads = sam_reference(tiny_model(), BATCH, rho)
+    assert max(float((grads[n] - sam_grads[n]).abs().max()) for n in grads) > 1e-6  # eta changes the step
+
+    plain, _, _ = run_method({"name": "fisher_sam", "fisher_sam": {"rho": rho, "eta": 0.0}}, [BATCH, BATCH])
+    sam, _, _ = run_method({"name": "sam", "sam": {"rho": rho}}, [BATCH, BATCH])
+    assert_same_model(plain, sam, atol=1e-12)
+
+
+def awp_reference(model, objective, gamma, steps):
+    """AWP from the paper's equations: v = 0; `steps` times v_l <- v_l + gamma ||w_l|| g_l / ||g_l|| with
+    g = grad rho(w + v), then v_l onto ||v_l|| <= gamma ||w_l||, for the weight tensors (2+ dimensions); returns
+    rho(w) and the gradient of rho at w + v (all parameters), with the model back at w."""
+    weights = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
+    start = {n: p.detach().clone() for n, p in weights.items()}
+    radius = {n: gamma * w.norm() for n, w in start.items()}
+    v = {n: torch.zeros_like(w) for n, w in start.items()}
+    first = None
+    for _ in range(steps):
+        loss = objective(model)
+        first = loss.item() if first is None else first
+        grads = dict(zip(weights, torch.autograd.grad(loss, list(weights.values()))))
+        with torch.no_grad():
+            for n in weights:
+                v[n] = v[n] + radius[n] * grads[n] / grads[n].norm()
+                if v[n].norm() > radius[n]:
+                    v[n] = v[n] * radius[n] / v[n].norm()
+                weights[n].copy_(start[n] + v[n])
+    grads = gradients(model, objective(model))
+    with torch.no_grad():
+        for n, p in weights.items():
+            p.copy_(start[n])
+    return first, grads
+
+
+AWP_CASES = {
+    "vanilla": {"rng": "keyed"},
+    "uegr": {"rng": "keyed", "mask": {"enabled": False}, "adversary": {"eps": 0.05, "step_size": 0.05}},
+    "freelb": {"rng": "keyed", "freelb": {"steps": 2, "init_mag": 0.05, "adv_lr": 0.05}},
+}
+
+
+@pytest.mark.parametrize(("objective", "steps"), [("vanilla", 1), ("vanilla", 3), ("uegr", 1), ("freelb", 2)])
+def test_awp_equals_reference(objective, steps):
+    gamma = 0.02
+    options = {"name": "awp", "awp": {"objective": objective, "gamma": gamma, "steps": steps}, **AWP_CASES[objective]}
+    fast, losses, logs = run_method(options, [BATCH])
+    model = tiny_model()
+    inner = build_method(load_config(None, {"method": {**options, "name": objective}}).method)
+    inner.setup(method_context(model, seed=SEED))  # the objective with its own (keyed) draws, on the reference model
+    first, grads = awp_reference(model, lambda m: inner.loss(m, BATCH, 0, 0).loss, gamma, steps)
+    inner.teardown()
+    reference_adamw_step(model, grads, fast_grads=logs[0]["grads"])
+    assert losses[0] == pytest.approx(first, rel=1e-6)
+    assert_same_model(fast, model)
+
+
+def test_awp_uses_its_objectives_gradient_mask():
+    cfg = load_config(None, {"method": {"name": "awp", "awp": {"objective": "uegr"}, "mask": {"ratio": 0.2}}}).method
+    assert build_method(cfg).gradient_mask(SEED) == build_method(dataclasses.replace(cfg, name="uegr")).gradient_mask(
+        SEED
+    )
+    assert build_method(load_config(None, {"method": {"name": "awp"}}).method).gradient_mask(SEED) is None
+
+
 @pytest.mark.parametrize(
     ("method", "extra"),
     [
@@ -333,6 +467,12 @@ def test_mat_equals_reference_sgld():
         ("roast", {"roast": {"alpha": 0.5, "beta": 5.0}}),
         ("sam", {}),
         ("sam", {"sam": {"m_shards": 2, "adaptive": True, "rho": 0.2}}),
+        ("delta_sam", {}),
+        ("fisher_sam", {"fisher_sam": {"rho": 0.05}}),  # the default 0.1 is too far for the tiny random model
+        ("awp", {}),
+        # UEGR learns the tiny task late in 16 steps (final loss 0.55 from 1.39); AWP around it at gamma 1e-3: 1.05.
+        ("awp", {"awp": {"objective": "uegr", "gamma": 1e-3}, "adversary": {"eps": 0.01, "step_size": 0.01}}),
+        ("awp", {"awp": {"objective": "freelb"}, "freelb": {"init_mag": 0.003, "adv_lr": 0.003}}),
     ],
 )
 def test_method_trains_end_to_end(method, extra, easy_task, tmp_path):
@@ -346,7 +486,7 @@ def test_method_trains_end_to_end(method, extra, easy_task, tmp_path):
         return
     assert losses[-1] < 0.8 * losses[0], losses
     assert result.metrics["final"]["accuracy"] >= 0.75
-    if method != "sam":
+    if method not in ("sam", "delta_sam", "fisher_sam", "awp") or extra.get("awp", {}).get("objective") == "uegr":
         assert 0.0 < result.metrics["train_loss"][-1]["mask_kept_fraction"] < 1.0
 
 
@@ -369,6 +509,11 @@ BF16_ONE_PROCESS = {
     "asam": {"name": "sam", "sam": {"rho": 0.5, "adaptive": True}},
     "msam": {"name": "sam", "sam": {"m_shards": 2}},
     "mat": {"name": "mat"},
+    "delta_sam": {"name": "delta_sam"},
+    "fisher_sam": {"name": "fisher_sam"},
+    "awp": {"name": "awp"},
+    "awp_uegr": {"name": "awp", "awp": {"objective": "uegr"}},
+    "awp_freelb": {"name": "awp", "awp": {"objective": "freelb"}},
 }
 
 
@@ -386,6 +531,11 @@ def test_method_runs_under_bf16_autocast(run, easy_task, tmp_path, fresh_acceler
     ("overrides", "message"),
     [
         ({"method": {"name": "sam"}, "train": {"grad_accum": 2}}, "train.grad_accum = 2: method sam"),
+        ({"method": {"name": "awp"}, "train": {"grad_accum": 2}}, "train.grad_accum = 2: method awp"),
+        ({"method": {"name": "delta_sam"}, "train": {"grad_accum": 3}}, "train.grad_accum = 3: method delta_sam"),
+        ({"method": {"name": "awp", "awp": {"objective": "rdrop"}}}, "must be one of vanilla, uegr, freelb"),
+        ({"method": {"name": "delta_sam", "delta_sam": {"temperature": 0}}}, "temperature = 0.0: must be in (0"),
+        ({"method": {"name": "fisher_sam", "fisher_sam": {"eta": -1}}}, "method.fisher_sam.eta = -1.0: must be in"),
         ({"method": {"name": "mat"}, "train": {"grad_accum": 4}}, "train.grad_accum = 4: method mat"),
         ({"method": {"name": "mat", "mat": {"beta": 1.0}}}, "method.mat.beta = 1.0: must be in [0.0, 1.0)"),
         ({"method": {"name": "mat"}, "train": {"mixed_precision": "fp16"}}, "train.mixed_precision = fp16: method mat"),
@@ -451,7 +601,7 @@ def test_mat_keyed_perturbation_depends_only_on_the_row_and_the_global_batch():
     assert not torch.allclose(fast._perturbation(collate(DATA[:6]), micro_step=3)[:3], half)
 
 
-ZERO3_REFUSED = ["sam", "childtuning_d", "roast", "mat"]
+ZERO3_REFUSED = ["sam", "childtuning_d", "roast", "mat", "delta_sam", "fisher_sam", "awp"]
 
 
 @pytest.mark.parametrize("method", ZERO3_REFUSED)
@@ -482,6 +632,11 @@ GRADIENT_PRESETS = {
     "sam-asam": ("sam", {"sam": {"rho": 0.5, "adaptive": True}}),
     "sam-msam": ("sam", {"sam": {"m_shards": 4}}),
     "mat": ("mat", {"mat": {"k_delta": 3, "k_theta": 20}}),
+    "delta-sam": ("delta_sam", {}),
+    "fisher-sam": ("fisher_sam", {}),
+    "awp": ("awp", {}),
+    "awp-uegr": ("awp", {"awp": {"objective": "uegr"}}),
+    "awp-freelb": ("awp", {"awp": {"objective": "freelb"}}),
 }
 
 

@@ -154,6 +154,10 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError(f"data.validation_ratio = {cfg.data.validation_ratio}: must be < 1")
 
 
+# Methods whose step is defined on one whole batch (a weight perturbation, MAT's SGLD): no gradient accumulation.
+ONE_UPDATE_PER_BATCH = ("sam", "mat", "delta_sam", "fisher_sam", "awp")
+
+
 def _check_method_fields(cfg: Config) -> None:
     """Options of the gradient-transform methods that depend on other sections."""
     method = cfg.method
@@ -162,7 +166,7 @@ def _check_method_fields(cfg: Config) -> None:
             re.compile(pattern)
         except re.error as err:
             raise ConfigError(f"method.{key} = {pattern!r}: not a valid regular expression ({err})") from err
-    if method.name in ("sam", "mat"):
+    if method.name in ONE_UPDATE_PER_BATCH:
         if cfg.train.grad_accum != 1:
             raise ConfigError(
                 f"train.grad_accum = {cfg.train.grad_accum}: method {method.name} updates the parameters once per "

@@ -16,6 +16,9 @@ METHOD_CLASSES: dict[str, str] = {
     "roast": "uegr_dist.methods.roast:RoAST",
     "sam": "uegr_dist.methods.sam:SAM",
     "mat": "uegr_dist.methods.mat:MAT",
+    "delta_sam": "uegr_dist.methods.delta_sam:DeltaSAM",
+    "fisher_sam": "uegr_dist.methods.fisher_sam:FisherSAM",
+    "awp": "uegr_dist.methods.awp:AWP",
 }
 """Method name -> "module:Class"."""
 

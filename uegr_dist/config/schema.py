@@ -266,6 +266,41 @@ class SamConfig:
 
 
 @dataclass
+class DeltaSamConfig:
+    """Delta-SAM (Zhou et al., Findings of EMNLP 2022): SAM whose perturbation comes from a reweighted batch gradient,
+    the weights a softmax over the global batch of each example's hardness."""
+
+    rho: float = bounded(0.05, 0.0, lo_open=True)
+    """Radius of the ascent step eps = rho * g_w / ||g_w||."""
+    temperature: float = bounded(1.0, 0.0, lo_open=True)
+    """tau of the weights softmax(score / tau) (large: uniform weights, plain SAM)."""
+    score: str = choice("grad_norm", "grad_norm", "loss", doc="an example's hardness")
+    """grad_norm: the norm of the example's loss gradient with respect to its logits; loss: the example's loss."""
+
+
+@dataclass
+class FisherSamConfig:
+    """Fisher SAM (Kim et al., ICML 2022): the neighbourhood is the ellipsoid of a diagonal empirical Fisher."""
+
+    rho: float = bounded(0.1, 0.0, lo_open=True)
+    """Radius of the Fisher ellipsoid eps^T F eps <= rho^2."""
+    eta: float = bounded(1.0, 0.0)
+    """F = 1 + eta * g^2 (g the global batch gradient); 0 gives SAM."""
+
+
+@dataclass
+class AWPConfig:
+    """AWP (Wu et al., NeurIPS 2020): a layer-wise relative adversarial weight perturbation around an objective."""
+
+    objective: str = choice("vanilla", "vanilla", "uegr", "freelb", doc="the loss perturbed (its own options apply)")
+    """vanilla: AWP alone; uegr, freelb: AWP with that method's input-space adversary (method.* / method.freelb.*)."""
+    gamma: float = bounded(5e-3, 0.0, lo_open=True)
+    """Relative size: ||v_l|| <= gamma * ||w_l|| for every weight tensor w_l."""
+    steps: int = bounded(1, 1, 10)
+    """Ascent steps on v (each a forward-backward pass)."""
+
+
+@dataclass
 class MatConfig:
     """MAT (Zhong et al., IJCAI 2023): SGLD sampling of embedding perturbations and parameters. The defaults are
     cheap (tests, CPU); the paper's are k_theta / k_delta = 20 / 3 or 30 / 5."""
@@ -315,6 +350,9 @@ class MethodConfig:
     roast: RoastConfig = field(default_factory=RoastConfig)
     sam: SamConfig = field(default_factory=SamConfig)
     mat: MatConfig = field(default_factory=MatConfig)
+    delta_sam: DeltaSamConfig = field(default_factory=DeltaSamConfig)
+    fisher_sam: FisherSamConfig = field(default_factory=FisherSamConfig)
+    awp: AWPConfig = field(default_factory=AWPConfig)
 
 
 @dataclass

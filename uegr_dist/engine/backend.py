@@ -55,6 +55,11 @@ class Backend:
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> None:
+        """In-place maximum over all processes of the run (nothing in one process)."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean over processes of a tensor (a new tensor; no host synchronization)."""
         out = value.detach().clone()

@@ -15,6 +15,7 @@ from transformers import Trainer
 
 from uegr_dist.backward import SelectiveAdamW, decay_groups
 from uegr_dist.config import ConfigError, MethodConfig
+from uegr_dist.config.loading import ONE_UPDATE_PER_BATCH
 from uegr_dist.engine.backend import build_backend, configure_deepspeed_clipping
 from uegr_dist.engine.distributed import DistributedSetupError
 from uegr_dist.engine.model_card import CARD, CardInfo, flatten, read_robustness, render_model_card
@@ -66,7 +67,7 @@ class RobustTrainer(Trainer):
                 f"{self.args.world_size} data-parallel process(es): every process would train on all the data. "
                 "Without GPUs pass TrainingArguments(use_cpu=True) for DDP, or ddp_backend='gloo' with deepspeed="
             )
-        if self.args.gradient_accumulation_steps > 1 and self.method_config.name in ("sam", "mat"):
+        if self.args.gradient_accumulation_steps > 1 and self.method_config.name in ONE_UPDATE_PER_BATCH:
             raise ConfigError(
                 f"gradient_accumulation_steps = {self.args.gradient_accumulation_steps}: method "
                 f"{self.method_config.name} is defined per optimizer step; use 1"

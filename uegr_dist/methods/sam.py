@@ -65,15 +65,28 @@ class SAM(Vanilla):
         grads = torch.autograd.grad(loss * scale, self.params, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(self.params, grads)]
 
-    def _average(self, grads: list[torch.Tensor]) -> None:
-        """Mean over processes, in place (one all-reduce of the flattened gradient)."""
+    def _average(self, grads: list[torch.Tensor], mean: bool = True) -> None:
+        """Mean (or sum) over processes, in place (one all-reduce of the flattened gradient)."""
         backend = self.ctx.backend
         if not backend.distributed:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
         backend.all_reduce_sum(flat)
-        flat /= backend.num_processes
+        if mean:
+            flat /= backend.num_processes
         torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+    def ascent_gradients(
+        self, accelerator: Any, batch: dict[str, torch.Tensor], step: int, micro_step: int, reduce: bool
+    ) -> tuple[StepOutput, list[torch.Tensor]]:
+        """The first pass at theta on the unwrapped model: its output and the gradient eps is built from (the batch
+        mean's, averaged over processes when `reduce`)."""
+        with accelerator.autocast():
+            first = self.loss(self.ctx.base_model, batch, step, micro_step)
+        grads = self._gradients(first.loss)
+        if reduce:
+            self._average(grads)
+        return first, grads
 
     @torch.no_grad()
     def perturbation(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -115,11 +128,7 @@ class SAM(Vanilla):
             for i, index in enumerate(shards):
                 part = batch if len(shards) == 1 else {k: v[index.to(v.device)] for k, v in batch.items()}
                 weight = index.numel() / rows
-                with accelerator.autocast():
-                    first = self.loss(base, part, step, micro_step)
-                grads = self._gradients(first.loss)
-                if len(shards) == 1:
-                    self._average(grads)
+                first, grads = self.ascent_gradients(accelerator, part, step, micro_step, reduce=len(shards) == 1)
                 first_losses.append(first.loss.detach() * weight)
                 logits.append(first.logits)
                 self._perturb(self.perturbation(grads))
@@ -141,4 +150,5 @@ class SAM(Vanilla):
         finally:
             self._restore()
         loss = torch.stack(first_losses).sum()
-        return StepOutput(loss, torch.cat(logits), {"task_loss": loss.item(), "sam_loss": second.loss.item()})
+        logs = {**first.logs, "task_loss": loss.item(), "sam_loss": second.loss.item()}
+        return StepOutput(loss, torch.cat(logits), logs)
