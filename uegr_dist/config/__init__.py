@@ -4,6 +4,7 @@ from uegr_dist.config.loading import ConfigError, config_to_dict, load_config, p
 from uegr_dist.config.schema import (
     AdversaryConfig,
     ASAConfig,
+    AverageConfig,
     Config,
     DataConfig,
     DropoutConfig,
@@ -20,6 +21,7 @@ from uegr_dist.config.schema import (
 __all__ = [
     "ASAConfig",
     "AdversaryConfig",
+    "AverageConfig",
     "Config",
     "ConfigError",
     "DataConfig",

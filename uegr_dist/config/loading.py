@@ -150,12 +150,34 @@ def _check_cross_fields(cfg: Config) -> None:
     if data.label_names is not None and data.num_labels is not None and data.num_labels != len(data.label_names):
         raise ConfigError(f"data.num_labels = {data.num_labels} differs from the {len(data.label_names)} label_names")
     _check_method_fields(cfg)
+    _check_average(cfg)
     if cfg.data.validation_file is None and cfg.data.train_file is not None and cfg.data.validation_ratio >= 1:
         raise ConfigError(f"data.validation_ratio = {cfg.data.validation_ratio}: must be < 1")
 
 
 # Methods whose step is defined on one whole batch (a weight perturbation, MAT's SGLD): no gradient accumulation.
 ONE_UPDATE_PER_BATCH = ("sam", "mat", "delta_sam", "fisher_sam", "awp")
+
+
+def _check_average(cfg: Config) -> None:
+    """train.average's values that depend on each other or on train.lr (the run's length is checked at set-up)."""
+    average = cfg.train.average
+    if average.kind == "none":
+        return
+    if average.start >= 1 and not float(average.start).is_integer():
+        raise ConfigError(
+            f"train.average.start = {average.start}: below 1 a fraction of the run's steps, from 1 on a step number "
+            "(a whole number)"
+        )
+    if average.kind == "swa" and average.lr_schedule == "cyclic":
+        top = cfg.train.lr if average.swa_lr is None else average.swa_lr
+        if average.swa_lr_min is not None and average.swa_lr_min > top:
+            raise ConfigError(
+                f"train.average.swa_lr_min = {average.swa_lr_min} > the cycle's top learning rate {top} "
+                "(train.average.swa_lr, or train.lr when it is null)"
+            )
+        if average.every < 2:
+            raise ConfigError("train.average.every = 1: a cyclic learning rate needs cycles of at least 2 steps")
 
 
 def _check_method_fields(cfg: Config) -> None:

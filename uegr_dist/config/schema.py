@@ -94,6 +94,31 @@ class DataConfig:
 
 
 @dataclass
+class AverageConfig:
+    """Weight averaging for any method (uegr_dist/engine/averaging.py): SWA (Izmailov et al., 2018; for fine-tuning
+    pre-trained language models, Lu et al., Findings of EMNLP 2022) or an exponential moving average of the weights.
+    Averaging starts after optimizer step S (`start`) and takes the weights after steps S + every, S + 2 every, ...;
+    the EMA starts from the weights after step S. Evaluation and the saved model use the average."""
+
+    kind: str = choice("none", "none", "swa", "ema", doc="none: no averaging")
+    start: float = bounded(0.75, 0.0)
+    """S: below 1 a fraction of the run's optimizer steps (rounded), from 1 on a step number (a whole number)."""
+    every: int = bounded(1, 1)
+    """Steps between the weights averaged (SWA with lr_schedule cyclic: the cycle length)."""
+    lr_schedule: str = choice("constant", "keep", "constant", "cyclic", doc="SWA's learning rate after step S")
+    """SWA only. keep: the run's own schedule; constant: swa_lr; cyclic: in each cycle of `every` steps the rate falls
+    linearly from swa_lr to swa_lr_min, and the weights are taken at the end of the cycle (at swa_lr_min)."""
+    swa_lr: float | None = bounded(None, 0.0, lo_open=True)
+    """SWA's learning rate after step S (constant) or at the top of each cycle (cyclic); None: train.lr."""
+    swa_lr_min: float | None = bounded(None, 0.0)
+    """The low end of a cycle (cyclic); None: swa_lr / 10."""
+    ema_decay: float = bounded(0.999, 0.0, 1.0, hi_open=True)
+    """EMA: average <- ema_decay * average + (1 - ema_decay) * weights."""
+    keep_raw: bool = False
+    """Also save the raw (not averaged) weights of the last step, into output_dir/raw."""
+
+
+@dataclass
 class TrainConfig:
     """The optimisation loop."""
 
@@ -135,6 +160,8 @@ class TrainConfig:
     push_to_hub: str | None = None
     """Hub repository id (user/name): upload the saved model, tokenizer and model card there at the end of the run
     (needs network access and a token: `hf auth login`). A failed upload loses nothing: the run's files stay."""
+    average: AverageConfig = field(default_factory=AverageConfig)
+    """Weight averaging (SWA or EMA, any method): evaluation and the saved model use the averaged weights."""
 
 
 @dataclass

@@ -23,9 +23,11 @@ from uegr_dist.backward.selective_adamw import SelectiveAdamW
 from uegr_dist.config import ConfigError
 from uegr_dist.deepspeed_internals import (
     ZeroMasterWeights,
+    ZeroPartition,
     check_zero_layout,
     is_deepspeed_engine,
     wrap_zero_step,
+    zero_partitions,
     zero_stage,
 )
 
@@ -90,6 +92,11 @@ class Backend:
         when the parameters themselves are what the optimizer updates."""
         return None
 
+    def master_partitions(self) -> list[ZeroPartition] | None:
+        """This process's flat fp32 master partitions when the optimizer keeps them apart from the module (DeepSpeed
+        ZeRO), in the order DeepSpeed steps them; None when the module's parameters are what the optimizer updates."""
+        return None
+
     @property
     def fp16_loss_scaling(self) -> bool:
         """DeepSpeed fp16 with its dynamic loss scaler."""
@@ -143,6 +150,10 @@ class ZeroBackend(Backend):
     def fp32_master_weights(self, params: list[nn.Parameter]) -> ZeroMasterWeights | None:
         """The ZeRO-1/2 fp32 master partitions, gathered and written as whole tensors."""
         return ZeroMasterWeights(self.engine, params)
+
+    def master_partitions(self) -> list[ZeroPartition] | None:
+        """This rank's ZeRO partitions (fp32 master tensor and the parameter fragments it holds)."""
+        return zero_partitions(self.engine)
 
     @property
     def fp16_loss_scaling(self) -> bool:

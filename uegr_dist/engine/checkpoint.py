@@ -4,8 +4,9 @@ A checkpoint is `output_dir/checkpoints/step-N/`:
 
 - what `accelerator.save_state` writes: the model as safetensors, the optimizer and scheduler (or the DeepSpeed
   engine's per-rank ZeRO shards) and every rank's RNG states (python, numpy, torch, CUDA);
-- `method_state_<rank>.pt`: what the method carries (dropout-rate controller, ...) and what the optimizer's gradient
-  mask carries (its step count and saliency EMA: per process under ZeRO);
+- `method_state_<rank>.pt`: what the method carries (dropout-rate controller, ...), what the optimizer's gradient
+  mask carries (its step count and saliency EMA: per process under ZeRO) and, with `train.average`, the weight
+  average (per process under ZeRO: this process's partitions);
 - `loop_state.pt`: the loop's position (step, micro-step, epoch, batches consumed in the epoch, the shuffle
   generator's state at the start of the epoch), its logs and counters;
 - `checkpoint.json`, written last: step, the run identity (model, data, method sections, the train keys that fix the
@@ -83,13 +84,17 @@ class LoopState:
 
 def run_identity(cfg: Config, num_processes: int) -> dict[str, Any]:
     """What a checkpoint must share with the run that resumes it: model, data and method sections, the data-order
-    keys of train, and the process count (ZeRO shards and per-process data positions depend on it)."""
+    keys of train (and train.average when it averages), and the process count (ZeRO shards and per-process data
+    positions depend on it)."""
     full = config_to_dict(cfg)
+    train = {key: full["train"][key] for key in _DATA_ORDER_KEYS}
+    if full["train"]["average"]["kind"] != "none":  # the average is part of the state (absent: as before)
+        train["average"] = full["train"]["average"]
     return {
         "model": full["model"],
         "data": full["data"],
         "method": full["method"],
-        "train": {key: full["train"][key] for key in _DATA_ORDER_KEYS},
+        "train": train,
         "num_processes": num_processes,
     }
 
@@ -249,12 +254,14 @@ class Checkpointer:
         optimizer: SelectiveAdamW,
         generator: torch.Generator,
         resume: Path | None,
+        averager: Any = None,
     ) -> None:
         self.accelerator = accelerator
         self.cfg = cfg
         self.method = method
         self.optimizer = optimizer
         self.generator = generator
+        self.averager = averager
         self.root = Path(cfg.train.output_dir) / CHECKPOINTS
         self.identity = run_identity(cfg, accelerator.num_processes)
         self.resume_from = resume
@@ -278,6 +285,8 @@ class Checkpointer:
         saved = torch.load(method_file, map_location="cpu", weights_only=True)
         self.method.load_state_dict(saved["method"])
         self.optimizer.load_mask_state_dict(saved["mask"])
+        if self.averager is not None:
+            self.averager.load_state_dict(saved.get("average"))
         loop = LoopState(**torch.load(path / LOOP_STATE, map_location="cpu", weights_only=True))
         self.last_saved_step = loop.step
         if self.accelerator.is_main_process:
@@ -353,7 +362,10 @@ class Checkpointer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         state_file = tmp / method_state_file(acc.process_index)
-        torch.save({"method": self.method.state_dict(), "mask": self.optimizer.mask_state_dict()}, state_file)
+        saved = {"method": self.method.state_dict(), "mask": self.optimizer.mask_state_dict()}
+        if self.averager is not None:
+            saved["average"] = self.averager.state_dict()  # train.average: this process's average
+        torch.save(saved, state_file)
         if acc.is_main_process:
             torch.save(asdict(state), tmp / LOOP_STATE)
         acc.wait_for_everyone()

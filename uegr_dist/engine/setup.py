@@ -19,6 +19,7 @@ from transformers import get_scheduler
 from uegr_dist.backward import SelectiveAdamW, decay_groups
 from uegr_dist.config import Config, ConfigError, config_to_dict
 from uegr_dist.data import LengthGroupedSampler, PaddingCollator, TaskData, load_raw_task, prepare_task
+from uegr_dist.engine.averaging import WeightAverager, with_swa_schedule
 from uegr_dist.engine.backend import Backend, prepare
 from uegr_dist.engine.checkpoint import Checkpointer, LoopState, refuse_stale_checkpoints, select_resume_checkpoint
 from uegr_dist.engine.distributed import build_accelerator
@@ -56,6 +57,8 @@ class Run:
     checkpoints: Checkpointer
     guard: NonFiniteGuard
     state: LoopState
+    averager: WeightAverager
+    """train.average (SWA / EMA; does nothing with kind none)."""
 
 
 def check_output_dir(cfg: Config) -> Path:
@@ -134,6 +137,7 @@ def set_up_run(cfg: Config, accelerator: Accelerator | None = None) -> Run:
         num_warmup_steps=int(cfg.train.warmup_ratio * total_steps) * accelerator.num_processes,
         num_training_steps=total_steps * accelerator.num_processes,
     )
+    scheduler = with_swa_schedule(scheduler, cfg.train, total_steps, accelerator.num_processes)
     model, optimizer, train_loader, eval_loader, scheduler = prepare(
         accelerator, model, selective, train_loader, eval_loader, scheduler
     )
@@ -149,7 +153,8 @@ def set_up_run(cfg: Config, accelerator: Accelerator | None = None) -> Run:
             data=TrainingData(task.train, collate, steps_per_epoch),
         )
     )
-    checkpoints = Checkpointer(accelerator, cfg, method, selective, generator, resume_from)
+    averager = WeightAverager(cfg.train, backend, selective.named_parameters, total_steps)
+    checkpoints = Checkpointer(accelerator, cfg, method, selective, generator, resume_from, averager)
     state = checkpoints.resume()
     # After method.setup: under DeepSpeed the guard's hook must wrap the method's hooks on the ZeRO step.
     guard_engine = model if method.steps_optimizer else None  # MAT's engine never steps: nothing to hook
@@ -176,4 +181,5 @@ def set_up_run(cfg: Config, accelerator: Accelerator | None = None) -> Run:
         checkpoints=checkpoints,
         guard=guard,
         state=state,
+        averager=averager,
     )

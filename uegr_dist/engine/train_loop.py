@@ -65,6 +65,7 @@ def train(cfg: Config, accelerator: Any = None) -> RunResult:
                     continue
                 run.guard.record(finite, state, state.step)
                 state.step += 1
+                run.averager.after_step(state.step)
                 log.step(state, {**result.logs, **mask_logs(run)}, run.scheduler.get_last_lr()[0])
                 if state.step >= run.total_steps:
                     break
@@ -83,8 +84,10 @@ def train(cfg: Config, accelerator: Any = None) -> RunResult:
 
 
 def evaluate_run(run: Run) -> dict[str, float]:
-    """The validation metrics of the model now (extra splits prefixed with their name)."""
-    return evaluate(run.accelerator, run.model, run.eval_loader, run.task, run.extra_loaders)
+    """The validation metrics of the model now (extra splits prefixed with their name); with train.average, of the
+    averaged weights."""
+    with run.averager.applied():
+        return evaluate(run.accelerator, run.model, run.eval_loader, run.task, run.extra_loaders)
 
 
 def mask_logs(run: Run) -> dict[str, float]:
@@ -101,10 +104,13 @@ def finish(run: Run, log: RunLog) -> RunResult:
     if cfg.train.save_every > 0 and run.checkpoints.last_saved_step != state.step:
         run.checkpoints.save(state)
     task_name = run.task.task.name if run.task.task else cfg.data.train_file
-    summary = log.summary(state, task_name, run.task.main_metric)
+    summary = {**log.summary(state, task_name, run.task.main_metric), **run.averager.summary()}
     run.method.teardown()
     accelerator.wait_for_everyone()
     if cfg.train.save_model:
+        if cfg.train.average.keep_raw and cfg.train.average.kind != "none":
+            save_model(accelerator, run.model, run.out / "raw", run.tokenizer)
+        run.averager.install()  # train.average: the averaged weights are the model from here on
         save_model(accelerator, run.model, run.out, run.tokenizer)  # fp32: DeepSpeed bf16 saves its master weights
     if accelerator.is_main_process:
         (run.out / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
