@@ -75,7 +75,8 @@ class DeltaSAM(SAM):
         peak = scaled.max().reshape(1)
         backend.all_reduce_max(peak)
         unnormalised = torch.exp(scaled - peak)
-        totals = torch.stack([unnormalised.sum(), torch.tensor(float(scores.numel()), dtype=torch.float64)])
+        rows = torch.tensor(float(scores.numel()), dtype=torch.float64, device=scaled.device)
+        totals = torch.stack([unnormalised.sum(), rows])
         backend.all_reduce_sum(totals)  # [sum over the global batch, global batch size]
         weights = unnormalised / totals[0]
         return weights, float(weights.max() * totals[1])
