@@ -450,6 +450,24 @@ def test_awp_equals_reference(objective, steps):
     assert_same_model(fast, model)
 
 
+def test_awp_advances_the_objectives_state_once_per_step():
+    """UEGR's adaptive dropout-rate controller is updated by each pass of the objective; AWP puts its state back
+    after the ascent passes, so one step moves it by the update of the pass at w + v only."""
+    options = {"name": "awp", "awp": {"objective": "uegr", "steps": 2}, "dropout": {"schedule": "adaptive"}}
+    method = build_method(load_config(None, {"method": options}).method)
+    model = tiny_model()
+    method.setup(method_context(model, SelectiveAdamW(model.named_parameters(), lr=LR), seed=SEED))
+    schedule = method.objective.schedule
+    alone = copy.deepcopy(schedule)
+    measured = []
+    update = schedule.update
+    schedule.update = lambda js: (measured.append(js), update(js))[1]
+    method.forward_backward(OneProcess(), model, BATCH, 0, 0)
+    assert len(measured) == 3  # two ascent passes and the pass at w + v
+    alone.update(measured[-1])
+    assert schedule.shift == alone.shift != 0.0
+
+
 def test_awp_uses_its_objectives_gradient_mask():
     cfg = load_config(None, {"method": {"name": "awp", "awp": {"objective": "uegr"}, "mask": {"ratio": 0.2}}}).method
     assert build_method(cfg).gradient_mask(SEED) == build_method(dataclasses.replace(cfg, name="uegr")).gradient_mask(
@@ -472,7 +490,7 @@ def test_awp_uses_its_objectives_gradient_mask():
         ("awp", {}),
         # UEGR learns the tiny task late in 16 steps (final loss 0.55 from 1.39); AWP around it at gamma 1e-3: 1.05.
         ("awp", {"awp": {"objective": "uegr", "gamma": 1e-3}, "adversary": {"eps": 0.01, "step_size": 0.01}}),
-        ("awp", {"awp": {"objective": "freelb"}, "freelb": {"init_mag": 0.003, "adv_lr": 0.003}}),
+        ("awp", {"awp": {"objective": "freelb"}, "freelb": {"steps": 2, "init_mag": 0.003, "adv_lr": 0.003}}),
     ],
 )
 def test_method_trains_end_to_end(method, extra, easy_task, tmp_path):
