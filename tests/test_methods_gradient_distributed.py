@@ -1,10 +1,12 @@
-"""ChildTuning-D, ChildTuning-F, RoAST, SAM (with ASAM and mSAM) and MAT on 2 CPU processes (DDP, DeepSpeed
-ZeRO-1/2; ChildTuning-F also ZeRO-3 with UEGR_ALL_ZERO_STAGES=1) equal the 1-process run with the same global batch:
-every method here is deterministic given the data (dropout off, keyed masks and keyed MAT draws, Fisher pre-pass
-split across ranks and summed). One `accelerate launch` trains all runs of a stage, fp32 and bf16
-(`train.mixed_precision: bf16`, DDP and ZeRO-1/2 (mSAM: DDP only): finite, and close to the 1-process bf16 run
-within BF16_TOLERANCE, not equal). MAT under ZeRO-2 is also cut and resumed. (The ZeRO-3 start-up refusals are unit
-tests in test_methods_gradient.py.)"""
+"""ChildTuning-D, ChildTuning-F, RoAST, SAM (with ASAM and mSAM), MAT, Delta-SAM, Fisher SAM, AWP (alone and around
+UEGR's and FreeLB's objectives) and weight averaging (SWA, EMA) on 2 CPU processes (DDP, DeepSpeed ZeRO-1/2;
+ChildTuning-F also ZeRO-3 with UEGR_ALL_ZERO_STAGES=1) equal the 1-process run with the same global batch: every
+method here is deterministic given the data (dropout off, keyed masks and keyed draws, Fisher pre-pass split across
+ranks and summed, Delta-SAM's weights normalised over the global batch). One `accelerate launch` trains all runs of a
+stage, fp32 and bf16 (`train.mixed_precision: bf16`, DDP and ZeRO-1/2 (mSAM: DDP only; the flatness family: AWP and
+SWA, DDP and ZeRO-2): finite, and close to the 1-process bf16 run within BF16_TOLERANCE, not equal). MAT and SWA under
+ZeRO-2 are also cut and resumed. (The ZeRO-3 start-up refusals are unit tests in test_methods_gradient.py and
+test_averaging.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from accelerate.state import AcceleratorState
 
 from tests.conftest import TINY_MODELS
@@ -34,6 +35,34 @@ METHODS = {
     "childtuning_f": {"childtuning": {"p_f": 0.5}},
     "roast": {"roast": {"alpha": 0.5, "beta": 5.0, "scale": True}},
     "sam": {"sam": {"rho": 0.05}},
+}
+# The flatness family (runs named after the method, or the method and its objective). Delta-SAM's small temperature
+# makes its weights differ across the batch (a softmax normalised per process would then differ from 1 process);
+# Fisher SAM's eta makes 1 + eta g^2 differ from 1 at this model's gradient sizes.
+FLAT = {
+    "delta_sam": {"name": "delta_sam", "delta_sam": {"rho": 0.05, "temperature": 0.05}},
+    "fisher_sam": {"name": "fisher_sam", "fisher_sam": {"rho": 0.05, "eta": 1e4}},
+    "awp": {"name": "awp", "awp": {"gamma": 0.01, "steps": 2}},
+    # With an input adversary: keyed draws (UEGR's sub-model dropout and start, FreeLB's start), so 2 = 1 process.
+    "awp_uegr": {
+        "name": "awp",
+        "rng": "keyed",
+        "awp": {"objective": "uegr", "gamma": 0.01},
+        "adversary": {"eps": 0.01, "step_size": 0.01},
+    },
+    "awp_freelb": {
+        "name": "awp",
+        "rng": "keyed",
+        "awp": {"objective": "freelb", "gamma": 0.01},
+        "freelb": {"steps": 2, "init_mag": 0.003, "adv_lr": 0.003},
+    },
+}
+# Weight averaging (train.average) around vanilla fine-tuning: SWA with its cyclic learning rate (averaging points 3
+# and 5, the run cut at 3 in the resume test) and an EMA; evaluated after each epoch (the average swapped in and the
+# raw weights put back mid-run), the raw weights saved too (raw/) and compared as well.
+AVERAGE = {
+    "swa": {"kind": "swa", "start": 1, "every": 2, "lr_schedule": "cyclic", "swa_lr": 2e-3, "keep_raw": True},
+    "ema": {"kind": "ema", "start": 2, "ema_decay": 0.5, "keep_raw": True},
 }
 
 
@@ -68,12 +97,12 @@ def run_config(root: Path, output_dir: Path, batch_size: int, method: dict, bf16
 
 
 def run_overrides(run: str, processes: int) -> dict:
-    """A run's own settings on top of `run_config`: its method (mSAM's shards for `processes`) and precision (bf16
-    when the run's name ends in BF16)."""
-    return {
-        "method": method_config(run, shards(run, processes)),
-        "train": {"mixed_precision": "bf16" if run.endswith(BF16) else "no"},
-    }
+    """A run's own settings on top of `run_config`: its method (mSAM's shards for `processes`), precision (bf16
+    when the run's name ends in BF16) and weight averaging (the AVERAGE runs)."""
+    train: dict = {"mixed_precision": "bf16" if run.endswith(BF16) else "no"}
+    if run.removesuffix(BF16) in AVERAGE:
+        train.update({"average": AVERAGE[run.removesuffix(BF16)], "eval_every_epoch": True})
+    return {"method": method_config(run, shards(run, processes)), "train": train}
 
 
 def write_spec(root: Path, dest: Path, runs: list[str], processes: int) -> Path:
@@ -87,6 +116,10 @@ def write_spec(root: Path, dest: Path, runs: list[str], processes: int) -> Path:
 
 def method_config(run: str, m_shards: int = 1) -> dict:
     run = run.removesuffix(BF16)
+    if run in FLAT:
+        return FLAT[run]
+    if run in AVERAGE:
+        return {"name": "vanilla"}
     name = "sam" if run in ("sam", "msam", "asam") else run
     method = {"name": name, **METHODS.get(run, {})}
     if run == "asam":
@@ -114,10 +147,18 @@ def method_config(run: str, m_shards: int = 1) -> dict:
 # 0.55; ZeRO-2 with 2 processes against a 1-process ZeRO-2 bf16 run: 0.052.
 BF16_RUNS = [run + BF16 for run in [*METHODS, "asam", "msam", "mat"]]
 ZERO_BF16_RUNS = [run for run in BF16_RUNS if run != "msam" + BF16]
+# The flatness family and averaging, kept to the suite's time budget: every method under DDP, ZeRO-1 and ZeRO-2 in
+# fp32, the EMA under DDP and ZeRO-2; bf16 under DDP and ZeRO-2 for AWP (its perturbation of 16-bit module weights)
+# and SWA (the average of DeepSpeed's fp32 master weights); the other bf16 runs are one-process unit tests.
+FLAT_RUNS = [*FLAT, "swa"]
+FLAT_BF16_RUNS = ["awp" + BF16, "swa" + BF16]
 STAGES = {
-    "ddp": ("cpu-2proc-ddp.yaml", [*METHODS, "asam", "msam", "mat", *BF16_RUNS]),
-    "zero1": ("cpu-2proc-zero1.yaml", [*METHODS, "asam", "msam", "mat", *ZERO_BF16_RUNS]),
-    "zero2": ("cpu-2proc-zero2.yaml", [*METHODS, "asam", "msam", "mat", *ZERO_BF16_RUNS]),
+    "ddp": ("cpu-2proc-ddp.yaml", [*METHODS, "asam", "msam", "mat", *BF16_RUNS, *FLAT_RUNS, "ema", *FLAT_BF16_RUNS]),
+    "zero1": ("cpu-2proc-zero1.yaml", [*METHODS, "asam", "msam", "mat", *ZERO_BF16_RUNS, *FLAT_RUNS]),
+    "zero2": (
+        "cpu-2proc-zero2.yaml",
+        [*METHODS, "asam", "msam", "mat", *ZERO_BF16_RUNS, *FLAT_RUNS, "ema", *FLAT_BF16_RUNS],
+    ),
     # ChildTuning-F is the one gradient method allowed under ZeRO-3 (the others refuse it at start-up).
     "zero3": ("cpu-2proc-zero3.yaml", ["childtuning_f", "childtuning_f" + BF16]),
 }
@@ -153,16 +194,19 @@ def reference(tmp_path_factory) -> dict:
     model = load_model(cfg.model, tokenizer, task.num_labels, task.id2label, seed=0)
     model.save_pretrained(root / "init")
     tokenizer.save_pretrained(root / "init")
-    params = {}
+    params, averages = {}, {}
     try:
         for run in REFERENCE_RUNS:
             # accelerate keeps one process-wide state whose precision cannot change: a fresh one per run.
             AcceleratorState._reset_state(reset_partial_state=True)
             train(load_config(None, merge(run_config(root, root / run, 2 * PER_RANK_BATCH, {}), run_overrides(run, 1))))
             params[run] = reloaded_state(root / run)
+            if run.removesuffix(BF16) in AVERAGE:
+                params[run + "/raw"] = reloaded_state(root / run / "raw")
+                averages[run] = json.loads((root / run / "metrics.json").read_text())["average"]
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-    return {"root": root, "params": params}
+    return {"root": root, "params": params, "averages": averages}
 
 
 # fp32: max |2-process - 1-process| parameter difference after STEPS steps; float summation order only (measured
@@ -217,6 +261,17 @@ def test_two_processes_equal_one_process(stage, reference, tmp_path):
         want = reference["params"][run]
         assert params.keys() == want.keys(), run
         max_diff = max(float((params[k] - v).abs().max()) for k, v in want.items())
+        if run.removesuffix(BF16) in AVERAGE:  # the saved model is the average; raw/ holds the last raw weights
+            assert metrics["average"] == reference["averages"][run], run
+            raw, raw_want = reloaded_state(tmp_path / run / "raw"), reference["params"][run + "/raw"]
+            assert max(float((raw[k] - params[k]).abs().max()) for k in raw) > 1e-5, run  # averaged != raw
+            if run.endswith(BF16):
+                raw_diff = update_difference(raw, raw_want, init)
+                assert raw_diff < BF16_TOLERANCE, (run, raw_diff)
+            else:
+                raw_diff = max(float((raw[k] - v).abs().max()) for k, v in raw_want.items())
+                assert raw_diff < FP32_TOLERANCE, (run, raw_diff)
+            print(f"{stage} {run}: raw weights {raw_diff:.3g} from the reference's")
         if run.endswith(BF16):
             diffs[run] = update_difference(params, want, init)
             print(
@@ -230,23 +285,33 @@ def test_two_processes_equal_one_process(stage, reference, tmp_path):
     assert not bad, (stage, bad)
 
 
+CUT_RUNS = ["mat", "swa"]
+
+
 @pytest.mark.distributed
-def test_mat_under_zero2_cut_and_resumed_equals_one_process(reference, tmp_path):
-    """MAT writes its SGLD result into the ZeRO master partitions (the engine never steps): a 2-process ZeRO-2 run
-    preempted after step 2 (checkpoint, exit) and resumed ends where the uninterrupted 1-process run does."""
-    config = tmp_path / "mat.yaml"
-    raw = run_config(reference["root"], tmp_path / "mat", PER_RANK_BATCH, method_config("mat"))
-    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+def test_mat_and_swa_under_zero2_cut_and_resumed_equal_one_process(reference, tmp_path):
+    """MAT writes its SGLD result into the ZeRO master partitions (the engine never steps), SWA keeps its average per
+    partition of them: 2-process ZeRO-2 runs preempted after step 3 (checkpoint, exit; SWA has averaged step 3) and
+    resumed end where the uninterrupted 1-process runs do (SWA: the average and the raw weights)."""
     zero2 = REPO / "configs/accelerate/cpu-2proc-zero2.yaml"
-    train_cli = ["-m", "uegr_dist.train", "--config", str(config)]
-    cut = launch(zero2, train_cli, timeout=300, UEGR_DEBUG_SIGNAL_AT="2:TERM")
-    assert cut.returncode != 0 and not (tmp_path / "mat" / "metrics.json").exists(), cut.stderr[-3000:]
-    assert [p.name for p in (tmp_path / "mat" / "checkpoints").iterdir()] == ["step-2"]
-    raw["train"]["resume"] = "auto"
-    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    done = launch(zero2, train_cli, timeout=300)
-    assert (tmp_path / "mat" / "metrics.json").is_file(), done.stderr[-4000:]
-    params, want = reloaded_state(tmp_path / "mat"), reference["params"]["mat"]
-    max_diff = max(float((params[k] - v).abs().max()) for k, v in want.items())
-    print(f"zero2 mat, cut at step 2 and resumed: max |param - reference| = {max_diff:.3g}")
-    assert max_diff < FP32_TOLERANCE
+    spec = write_spec(reference["root"], tmp_path, CUT_RUNS, processes=2)
+    report_path = tmp_path / "report.json"
+    cut = launch(zero2, [str(HELPER), str(spec), str(report_path)], timeout=300, UEGR_DEBUG_SIGNAL_AT="3:TERM")
+    assert report_path.is_file(), cut.stderr[-3000:]
+    assert json.loads(report_path.read_text()) == {run: {"preempted": 3} for run in CUT_RUNS}
+    for run in CUT_RUNS:
+        assert not (tmp_path / run / "metrics.json").exists()
+        assert [p.name for p in (tmp_path / run / "checkpoints").iterdir()] == ["step-3"]
+    spec_data = json.loads(spec.read_text())
+    spec_data["base"]["train"]["resume"] = "auto"
+    spec.write_text(json.dumps(spec_data))
+    done = launch(zero2, [str(HELPER), str(spec), str(report_path)], timeout=300)
+    for run, saved in (("mat", "mat"), ("swa", "swa"), ("swa", "swa/raw")):
+        assert (tmp_path / saved / "model.safetensors").is_file(), done.stderr[-4000:]
+        key = run if saved == run else run + "/raw"
+        params, want = reloaded_state(tmp_path / saved), reference["params"][key]
+        max_diff = max(float((params[k] - v).abs().max()) for k, v in want.items())
+        print(f"zero2 {saved}, cut at step 3 and resumed: max |param - reference| = {max_diff:.3g}")
+        assert max_diff < FP32_TOLERANCE, saved
+    metrics = json.loads((tmp_path / "swa" / "metrics.json").read_text())
+    assert metrics["average"] == reference["averages"]["swa"]

@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import pytest
 
+from tests import test_averaging as averaging_unit
 from tests import test_methods_gradient as gradient_unit
 from tests import test_methods_gradient_distributed as gradient_dist
 from tests import test_methods_objective as objective_unit
@@ -42,8 +43,16 @@ ROWS = {
     "`sam` ASAM (`adaptive`)": "asam",
     "`sam` mSAM (`m_shards`)": "msam",
     "`mat` (`rng: keyed`)": "mat",
+    "`delta_sam`": "delta_sam",
+    "`fisher_sam`": "fisher_sam",
+    "`awp` (`objective: vanilla`)": "awp",
+    "`awp`, `objective: uegr` (`rng: keyed`)": "awp_uegr",
+    "`awp`, `objective: freelb` (`rng: keyed`)": "awp_freelb",
+    "`train.average: swa` (any method)": "swa",
+    "`train.average: ema` (any method)": "ema",
 }
-METHOD_OF_RUN = {"asam": "sam", "msam": "sam"}  # runs that are options of another method (its refusals apply)
+# Runs that are options of another method (its refusals apply).
+METHOD_OF_RUN = {"asam": "sam", "msam": "sam", "awp_uegr": "awp", "awp_freelb": "awp"}
 BF16_SUFFIX = "-bf16"
 
 
@@ -91,10 +100,15 @@ def covered() -> tuple[dict[tuple[str, str], str], dict[str, dict[str, str]], se
         exact.setdefault(("uegr", stage.removesuffix("-offload")), "default")
     # One process in bf16: the unit tests, and the 1-process bf16 reference runs of the objective launches (their
     # losses are checked finite there).
-    for run in [*gradient_unit.BF16_ONE_PROCESS, *objective_unit.E2E, *objective_dist.BF16.values()]:
+    for run in [
+        *gradient_unit.BF16_ONE_PROCESS,
+        *objective_unit.E2E,
+        *objective_dist.BF16.values(),
+        *averaging_unit.BF16_ONE_PROCESS,
+    ]:
         bf16[run]["one process"] = "default"
     refused = {(cfg["name"], "zero3") for cfg, _ in objective_unit.ZERO3_REFUSALS}
-    refused |= {(method, "zero3") for method in gradient_unit.ZERO3_REFUSED}
+    refused |= {(method, "zero3") for method in [*gradient_unit.ZERO3_REFUSED, *averaging_unit.ZERO3_REFUSED]}
     return exact, bf16, refused
 
 

@@ -4,7 +4,8 @@ Run as `python tests/distributed/methods_run.py SPEC REPORT` where SPEC is a JSO
 "runs": {name: <overrides dict>}}. Each run trains into base.train.output_dir/<name> (the saved model is what the
 distributed tests compare); rank 0 writes REPORT (JSON): per run, the logged training losses, the final metrics and
 the mixed precision accelerate used.
-Runs may differ in anything, `train.mixed_precision` included.
+Runs may differ in anything, `train.mixed_precision` included. A run preempted (`UEGR_DEBUG_SIGNAL_AT`, after its
+checkpoint) is reported as {"preempted": step} and the next run starts.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from accelerate.state import AcceleratorState, PartialState
 
 from uegr_dist.config import load_config
 from uegr_dist.config.loading import merge
+from uegr_dist.engine.guard import Preempted
 from uegr_dist.engine.train_loop import train
 
 
@@ -37,7 +39,11 @@ def main() -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
         raw = merge(spec["base"], overrides)
         raw["train"] = {**raw["train"], "output_dir": str(Path(spec["base"]["train"]["output_dir"]) / name)}
-        result = train(load_config(None, raw))
+        try:
+            result = train(load_config(None, raw))
+        except Preempted as cut:  # UEGR_DEBUG_SIGNAL_AT: checkpoint written; the next run goes on
+            report[name] = {"preempted": cut.step}
+            continue
         report[name] = {
             "losses": [e["loss"] for e in result.metrics["train_loss"]],
             "final": result.metrics["final"],
