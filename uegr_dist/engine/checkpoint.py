@@ -363,8 +363,9 @@ class Checkpointer:
         acc.save_state(str(tmp))
         state_file = tmp / method_state_file(acc.process_index)
         saved = {"method": self.method.state_dict(), "mask": self.optimizer.mask_state_dict()}
-        if self.averager is not None:
-            saved["average"] = self.averager.state_dict()  # train.average: this process's average
+        average = None if self.averager is None else self.averager.state_dict()
+        if average is not None:  # train.average: this process's average (nothing without averaging)
+            saved["average"] = average
         torch.save(saved, state_file)
         if acc.is_main_process:
             torch.save(asdict(state), tmp / LOOP_STATE)
