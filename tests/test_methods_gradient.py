@@ -487,10 +487,7 @@ def test_awp_uses_its_objectives_gradient_mask():
         ("sam", {"sam": {"m_shards": 2, "adaptive": True, "rho": 0.2}}),
         ("delta_sam", {}),
         ("fisher_sam", {"fisher_sam": {"rho": 0.05}}),  # the default 0.1 is too far for the tiny random model
-        ("awp", {}),
-        # UEGR learns the tiny task late in 16 steps (final loss 0.55 from 1.39); AWP around it at gamma 1e-3: 1.05.
-        ("awp", {"awp": {"objective": "uegr", "gamma": 1e-3}, "adversary": {"eps": 0.01, "step_size": 0.01}}),
-        ("awp", {"awp": {"objective": "freelb"}, "freelb": {"steps": 2, "init_mag": 0.003, "adv_lr": 0.003}}),
+        ("awp", {}),  # around UEGR and FreeLB: the presets' runs below and the distributed launches
     ],
 )
 def test_method_trains_end_to_end(method, extra, easy_task, tmp_path):
@@ -504,7 +501,7 @@ def test_method_trains_end_to_end(method, extra, easy_task, tmp_path):
         return
     assert losses[-1] < 0.8 * losses[0], losses
     assert result.metrics["final"]["accuracy"] >= 0.75
-    if method not in ("sam", "delta_sam", "fisher_sam", "awp") or extra.get("awp", {}).get("objective") == "uegr":
+    if method not in ("sam", "delta_sam", "fisher_sam", "awp"):
         assert 0.0 < result.metrics["train_loss"][-1]["mask_kept_fraction"] < 1.0
 
 

@@ -81,6 +81,7 @@ def covered() -> tuple[dict[tuple[str, str], str], dict[str, dict[str, str]], se
     names = {v: k for k, v in BACKENDS.items()}
 
     def add(run: str, stage: str, how: str) -> None:
+        stage = stage.partition("-")[0]  # a launch named backend-<part> (e.g. zero1-flat) tests that backend
         if run.endswith(BF16_SUFFIX):
             bf16[run.removesuffix(BF16_SUFFIX)].setdefault(names[stage], how)
         else:
