@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -278,11 +279,15 @@ def test_trainer_gradient_accumulation_equals_uegr_train_and_bf16_trains(library
     assert config.get("dtype", "float32") == "float32"  # bf16 autocast: the weights stay float32
 
 
+BACKENDS = [("ddp", "cpu-2proc-ddp.yaml", None), ("zero2", "cpu-2proc-zero2.yaml", "configs/deepspeed/zero2.json")]
+# ZeRO-3 (parameters partitioned; the Trainer loads the model under zero.Init) costs a launch of its own: it runs with
+# UEGR_ALL_ZERO_STAGES=1, outside the default suite's time budget.
+if os.environ.get("UEGR_ALL_ZERO_STAGES") == "1":
+    BACKENDS.append(("zero3", "cpu-2proc-zero3.yaml", "configs/deepspeed/zero3.json"))
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    ("backend", "accelerate_config", "deepspeed"),
-    [("ddp", "cpu-2proc-ddp.yaml", None), ("zero2", "cpu-2proc-zero2.yaml", "configs/deepspeed/zero2.json")],
-)
+@pytest.mark.parametrize(("backend", "accelerate_config", "deepspeed"), BACKENDS)
 def test_front_ends_equal_uegr_train_on_two_processes(library_task, tmp_path, backend, accelerate_config, deepspeed):
     dest = tmp_path / backend
     spec = write_spec(library_task, dest, processes=2, deepspeed=deepspeed)

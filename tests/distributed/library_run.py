@@ -31,12 +31,10 @@ def run_uegr_train(base: dict, method: dict, out: Path) -> None:
     from uegr_dist.engine.train_loop import train
 
     raw = merge(base, {"method": method, "train": {"output_dir": str(out)}})
-    train(load_config(None, raw))
-    (out / "losses.json").write_text(json.dumps(_finite_losses(out / "metrics.json")), encoding="utf-8")
-
-
-def _finite_losses(metrics: Path) -> list[float]:
-    return [entry["loss"] for entry in json.loads(metrics.read_text())["train_loss"]]
+    result = train(load_config(None, raw))
+    if int(os.environ.get("RANK", "0")) == 0:
+        losses = [entry["loss"] for entry in result.metrics["train_loss"]]
+        (out / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
 
 
 def run_example(base: dict, method: dict, out: Path, deepspeed: str | None) -> None:
@@ -112,8 +110,9 @@ def run_trainer(base: dict, method: dict, out: Path, deepspeed: str | None) -> N
     )
     trainer.train()
     trainer.save_model(str(out))
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    (out / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
+    if trainer.is_world_process_zero():
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        (out / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
 
 
 def main() -> None:
