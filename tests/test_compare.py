@@ -13,7 +13,7 @@ import yaml
 from tests.conftest import TINY_MODELS
 from uegr_dist.cli.compare import main
 from uegr_dist.compare import aggregate, load_suite
-from uegr_dist.compare.runner import RUNNER_FILE, robustness_values
+from uegr_dist.compare.runner import RUNNER_FILE, eval_targets, robustness_values
 from uegr_dist.config import ConfigError
 
 
@@ -115,6 +115,86 @@ def test_shipped_suites_are_valid():
     assert len(full.tasks) == 13 and len(full.runs) == 13 * len(full.methods) * len(full.seeds)
 
 
+def _sst2_copies(tmp_path, easy_task):
+    """The easy cue-word task as a GLUE SST-2 folder (train.tsv, dev.tsv, labelled test_labeled.tsv) and an AdvGLUE
+    dev.json with an sst2 key: the layouts of the real local copies (tests/test_layouts.py checks the readers)."""
+    rows = [json.loads(line) for line in easy_task["train"].read_text().splitlines()]
+    rows += [json.loads(line) for line in easy_task["validation"].read_text().splitlines()]
+    lines = [f"{r['text']}\t{int(r['label'] == 'pos')}" for r in rows]
+    folder = tmp_path / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    for name, part in (("train.tsv", lines[:200]), ("dev.tsv", lines[200:240]), ("test_labeled.tsv", lines[240:])):
+        (folder / name).write_text("sentence\tlabel\n" + "\n".join(part) + "\n", encoding="utf-8")
+    items = [{"idx": i, "sentence": r["text"], "label": int(r["label"] == "pos")} for i, r in enumerate(rows[-12:])]
+    (tmp_path / "advglue").mkdir()
+    (tmp_path / "advglue" / "dev.json").write_text(json.dumps({"sst2": items}), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.slow
+def test_suite_on_local_task_copies_scores_test_split_and_advglue_offline(tmp_path, easy_task, monkeypatch):
+    """A task given by task_path: uegr-eval reads its splits and the robustness set from the local copies (the Hub
+    is off), attacks the first max_examples rows of the labelled test split, scores every test row clean and every
+    AdvGLUE row, and the PGD curve's points become columns."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    _sst2_copies(tmp_path, easy_task)
+    robustness = {
+        "attacks": ["char", "pgd"],
+        "split": "test",
+        "max_examples": 8,
+        "clean_splits": ["test"],
+        "set_paths": {"adv_sst2": "advglue/dev.json"},  # relative to the suite file
+        "args": ["--pgd.norms", "[l2]", "--pgd.steps", "2", "--pgd.eps_l2", "[0.0, 0.5]"],
+    }
+    path = _suite(
+        tmp_path,
+        easy_task,
+        seeds=[0],
+        methods={"vanilla": {"method": {"name": "vanilla"}}},
+        tasks={"sst2": {"data": {"task": "sst2", "task_path": "glue/SST-2", "max_train_samples": 64}}},
+        robustness=robustness,
+    )
+    suite = load_suite(path)
+    targets = {t.name: t for t in eval_targets(suite.runs[0], suite)}
+    local = str((tmp_path / "glue" / "SST-2").resolve())
+    assert targets["test"].data_args == ["--task", "sst2", "--task-path", local, "--split", "test"]
+    assert targets["test"].max_examples == 8 and targets["test"].attacks == ["char", "pgd"]
+    assert targets["test-clean"].data_args == ["--task", "sst2", "--task-path", local, "--split", "test"]
+    assert targets["test-clean"].max_examples is None and targets["test-clean"].attacks == []
+    adv = str((tmp_path / "advglue" / "dev.json").resolve())
+    assert targets["adv_sst2"].data_args == ["--task", "adv_sst2", "--task-path", adv]
+
+    assert main(["--suite", str(path), "--no-progress"]) == 0
+    run = tmp_path / "out" / "sst2" / "vanilla" / "seed-0"
+    assert json.loads((run / "robustness" / "test" / "summary.json").read_text())["n_examples"] == 8
+    assert json.loads((run / "robustness" / "test-clean" / "summary.json").read_text())["n_examples"] == 80
+    assert json.loads((run / "robustness" / "adv_sst2" / "summary.json").read_text())["n_examples"] == 12
+    (row,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert {"test_acc", "adv_sst2_acc", "char_acc", "pgd_l2_mean_acc", "pgd_l2@0", "pgd_l2@0.5"} <= set(row)
+    assert row["pgd_l2_mean_acc"] == row["pgd_l2@0.5"]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| method | n | accuracy | test_acc | adv_sst2_acc | char_acc | pgd_l2_mean_acc |" in table
+    assert "@" not in table
+    for png in ("accuracy_vs_robustness_sst2.png", "pgd_sst2.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("robustness", "message"),
+    [
+        ({"split": "train"}, r"robustness.split: 'train' is not a split"),
+        ({"clean_splits": ["dev"]}, r"robustness.clean_splits: 'dev' is not a split"),
+        ({"clean_splits": "test"}, r"robustness.clean_splits must be a list"),
+        ({"clean_max_examples": 0}, r"robustness.clean_max_examples = 0: must be an integer >= 1"),
+        ({"set_paths": {"advglue": "dev.json"}}, r"robustness.set_paths: 'advglue' is not a registered task"),
+    ],
+)
+def test_bad_robustness_options_are_refused(tmp_path, easy_task, robustness, message):
+    with pytest.raises(ConfigError, match=message):
+        load_suite(_suite(tmp_path, easy_task, robustness=robustness))
+
+
 def test_aggregate_is_mean_and_sample_std_and_robustness_columns():
     rows = [
         {"task": "t", "method": "m", "seed": s, "main_metric": "accuracy", "accuracy": a, "char_acc": c}
@@ -125,8 +205,11 @@ def test_aggregate_is_mean_and_sample_std_and_robustness_columns():
     assert entry["char_acc"] == {"mean": pytest.approx(0.3), "std": pytest.approx(0.1), "n": 3}
     curve = [{"eps": 0.0, "accuracy": 0.9}, {"eps": 0.5, "accuracy": 0.6}, {"eps": 1.0, "accuracy": 0.2}]
     summary = {"clean": {"accuracy": 0.9}, "attacks": {"char": {"attacked_accuracy": 0.4}, "pgd_l2": {"curve": curve}}}
-    assert robustness_values(summary, "validation") == {"char_acc": 0.4, "pgd_l2_mean_acc": pytest.approx(0.4)}
+    curve_points = {"pgd_l2@0": 0.9, "pgd_l2@0.5": 0.6, "pgd_l2@1": 0.2}
+    expected = {"char_acc": 0.4, "pgd_l2_mean_acc": pytest.approx(0.4), **curve_points}
+    assert robustness_values(summary, "validation") == expected == robustness_values(summary, "test")
     assert robustness_values(summary, "adv_sst2") == {"adv_sst2_acc": 0.9}
+    assert robustness_values(summary, "test-clean") == {"test_acc": 0.9}
 
 
 @pytest.mark.distributed

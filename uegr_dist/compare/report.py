@@ -40,8 +40,24 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+CLEAN_SPLIT_COLUMNS = ("validation_acc", "test_acc", "mismatched_acc")
+"""Columns of `robustness.clean_splits`: clean accuracy on a split scored by uegr-eval, not a robustness score."""
+
+
 def robustness_columns(rows: list[dict[str, Any]]) -> list[str]:
-    return sorted({k for r in rows for k in r if "_acc" in k})
+    """The accuracy columns from uegr-eval: clean split columns first, then the robustness columns (sorted)."""
+    present = {k for r in rows for k in r if "_acc" in k}
+    clean = [c for c in CLEAN_SPLIT_COLUMNS if c in present]
+    return clean + sorted(present - set(clean))
+
+
+def curve_columns(rows: list[dict[str, Any]]) -> dict[str, list[tuple[float, str]]]:
+    """PGD curve points (`pgd_<norm>@<eps>` columns) per curve name, sorted by eps."""
+    curves: dict[str, list[tuple[float, str]]] = {}
+    for column in sorted({k for r in rows for k in r if "@" in k}):
+        name, _, eps = column.partition("@")
+        curves.setdefault(name, []).append((float(eps), column))
+    return {name: sorted(points) for name, points in curves.items()}
 
 
 def _fmt(cell: dict[str, float] | None, digits: int = 3) -> str:
@@ -91,33 +107,62 @@ def write_results(rows: list[dict[str, Any]], out: Path, suite_name: str, failed
 
 
 def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
-    """accuracy_vs_robustness_<task>.png (clean headline metric vs the first robustness column, one point per
-    method with std error bars) and cost.png (wall time and throughput per method, relative to the first method)."""
+    """accuracy_vs_robustness_<task>.png (clean accuracy vs each robustness column, one point per method with std
+    error bars; clean = the first clean split column, e.g. test_acc, else the headline metric), pgd_<task>.png (the
+    PGD curves, mean ± std over seeds) and cost.png (wall time and throughput per method, relative to the first)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths: dict[str, Path] = {}
-    rob = robustness_columns(rows)
+    columns = robustness_columns(rows)
+    clean_columns = [c for c in columns if c in CLEAN_SPLIT_COLUMNS]
+    rob = [c for c in columns if c not in CLEAN_SPLIT_COLUMNS]
+    nan = {"mean": float("nan"), "std": 0.0}
     for task in dict.fromkeys(e["task"] for e in summary):
         entries = [e for e in summary if e["task"] == task]
-        metric = entries[0]["main_metric"]
-        y_column = next((c for c in rob if any(c in e for e in entries)), None)
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for e in entries:
-            x = e.get(metric, {"mean": float("nan"), "std": 0.0})
-            y = e.get(y_column, {"mean": float("nan"), "std": 0.0}) if y_column else {"mean": 0.0, "std": 0.0}
-            ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o", capsize=3, label=e["method"])
-            ax.annotate(e["method"], (x["mean"], y["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel(f"clean {metric}")
-        ax.set_ylabel(y_column or "(no robustness evaluation)")
-        ax.set_title(f"{task}: accuracy vs robustness")
-        ax.grid(alpha=0.3)
+        x_column = next((c for c in clean_columns if any(c in e for e in entries)), entries[0]["main_metric"])
+        y_columns = [c for c in rob if any(c in e for e in entries)] or [None]
+        fig, axes = plt.subplots(1, len(y_columns), figsize=(4.6 * len(y_columns), 4), squeeze=False)
+        for ax, y_column in zip(axes[0], y_columns):
+            for e in entries:
+                x = e.get(x_column, nan)
+                y = e.get(y_column, nan) if y_column else {"mean": 0.0, "std": 0.0}
+                ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o", capsize=3, label=e["method"])
+                ax.annotate(e["method"], (x["mean"], y["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.set_xlabel(f"clean {x_column}")
+            ax.set_ylabel(y_column or "(no robustness evaluation)")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{task}: accuracy vs robustness (mean ± std over seeds)")
         fig.tight_layout()
         paths[f"plot_{task}"] = out / f"accuracy_vs_robustness_{task}.png"
         fig.savefig(paths[f"plot_{task}"], dpi=120)
         plt.close(fig)
+
+        curves = curve_columns([r for r in rows if r["task"] == task])
+        if curves:
+            fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 4), squeeze=False)
+            for ax, (name, points) in zip(axes[0], curves.items()):
+                for e in entries:
+                    cells = [e.get(column, nan) for _, column in points]
+                    ax.errorbar(
+                        [eps for eps, _ in points],
+                        [c["mean"] for c in cells],
+                        yerr=[c["std"] for c in cells],
+                        marker="o",
+                        capsize=3,
+                        label=e["method"],
+                    )
+                ax.set_xlabel(f"{name} eps")
+                ax.set_ylabel("accuracy under PGD")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+            fig.suptitle(f"{task}: PGD curves (mean ± std over seeds)")
+            fig.tight_layout()
+            paths[f"pgd_{task}"] = out / f"pgd_{task}.png"
+            fig.savefig(paths[f"pgd_{task}"], dpi=120)
+            plt.close(fig)
 
     methods = list(dict.fromkeys(e["method"] for e in summary))
     wall = [_stats([r["wall_seconds"] for r in rows if r["method"] == m])[0] for m in methods]

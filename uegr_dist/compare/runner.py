@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from uegr_dist.compare.suite import Run, Suite
+from uegr_dist.compare.suite import SPLITS, Run, Suite
 from uegr_dist.data.tasks import ROBUSTNESS_SETS, TASKS
 
 RUNNER_FILE = "compare_run.json"
@@ -24,11 +24,19 @@ RUNNER_FILE = "compare_run.json"
 
 @dataclass
 class EvalTarget:
-    """One `uegr-eval` call on a trained model: its own validation data under attack, or a robustness set."""
+    """One `uegr-eval` call on a trained model: attacks on its validation (or test) data, a split of its task scored
+    clean, or a robustness set."""
 
     name: str
+    """Directory under the run's `robustness/`: `validation` / `test` (attacks), `<split>-clean`, or the set name."""
     data_args: list[str]
     attacks: list[str]
+    max_examples: int | None = None
+    """Rows scored (None: all of them)."""
+
+
+ALL_ROWS = 1_000_000_000
+"""`--max-examples` for a target scored on all its rows."""
 
 
 @dataclass
@@ -41,8 +49,12 @@ class RunOutcome:
 
 
 def eval_targets(run: Run, suite: Suite) -> list[EvalTarget]:
-    """What to score a trained model on: the attacks on its validation data, and (registry tasks) its sets."""
+    """What to score a trained model on: the attacks on its validation data (registry tasks: `robustness.split`),
+    the `robustness.clean_splits` of its task, and (registry tasks) its robustness sets. A task's `data.task_path`
+    and the suite's `robustness.set_paths` are passed on as `--task-path`, so local copies are scored offline."""
     rob, data = suite.robustness, run.config.get("data", {})
+    task = data.get("task")
+    task_args = ["--task", task, *(["--task-path", data["task_path"]] if data.get("task_path") else [])]
     targets = []
     if rob.attacks:
         if data.get("validation_file"):
@@ -52,13 +64,19 @@ def eval_targets(run: Run, suite: Suite) -> list[EvalTarget]:
                     columns += [flag, data[key]]
             if data.get("label_column"):
                 columns += ["--label-column", data["label_column"]]
-            targets.append(EvalTarget("validation", ["--file", data["validation_file"], *columns], rob.attacks))
-        elif data.get("task"):
-            targets.append(EvalTarget("validation", ["--task", data["task"]], rob.attacks))
-    if rob.sets and data.get("task") in ROBUSTNESS_SETS:
-        for name in ROBUSTNESS_SETS[data["task"]]:
-            if TASKS[name].train_task in (None, data["task"]):
-                targets.append(EvalTarget(name, ["--task", name], []))
+            targets.append(
+                EvalTarget("validation", ["--file", data["validation_file"], *columns], rob.attacks, rob.max_examples)
+            )
+        elif task:
+            targets.append(EvalTarget(rob.split, [*task_args, "--split", rob.split], rob.attacks, rob.max_examples))
+    if task and not data.get("validation_file"):
+        for split in rob.clean_splits:
+            targets.append(EvalTarget(f"{split}-clean", [*task_args, "--split", split], [], rob.clean_max_examples))
+    if rob.sets and task in ROBUSTNESS_SETS:
+        for name in ROBUSTNESS_SETS[task]:
+            if TASKS[name].train_task in (None, task):
+                local = ["--task-path", rob.set_paths[name]] if name in rob.set_paths else []
+                targets.append(EvalTarget(name, ["--task", name, *local], [], rob.clean_max_examples))
     return targets
 
 
@@ -69,7 +87,8 @@ def _train_command(run: Run, suite: Suite, config_path: Path) -> list[str]:
 
 def _eval_command(run: Run, suite: Suite, target: EvalTarget, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "uegr_dist.cli.eval", "--model", str(run.directory), *target.data_args]
-    cmd += ["--output-dir", str(out), "--max-examples", str(suite.robustness.max_examples), "--seed", str(run.seed)]
+    rows = target.max_examples or ALL_ROWS
+    cmd += ["--output-dir", str(out), "--max-examples", str(rows), "--seed", str(run.seed)]
     cmd += ["--attack", ",".join(target.attacks) or "none"]
     return [*cmd, *suite.robustness.args]
 
@@ -130,13 +149,15 @@ def execute(suite: Suite, progress: bool = True) -> list[RunOutcome]:
 
 
 def robustness_values(summary: dict[str, Any], target: str) -> dict[str, float]:
-    """Columns from one `uegr-eval` summary: accuracy under each attack on the validation data (for a PGD curve,
-    the mean accuracy over its eps > 0 points), or the accuracy on a robustness set."""
+    """Columns from one `uegr-eval` summary (`target` is the EvalTarget's name). Attack targets (`validation`,
+    `test`): accuracy under each text attack (`<attack>_acc`); for a PGD curve, the mean accuracy over its eps > 0
+    points (`pgd_<norm>_mean_acc`) and every point (`pgd_<norm>@<eps>`). Clean targets: `<split>_acc`; robustness
+    sets: `<set>_acc`."""
     values: dict[str, float] = {}
-    if target != "validation":
+    if target not in SPLITS:
         clean = summary.get("clean", {})
         if "accuracy" in clean:
-            values[f"{target}_acc"] = float(clean["accuracy"])
+            values[f"{target.removesuffix('-clean')}_acc"] = float(clean["accuracy"])
         return values
     for attack, result in summary.get("attacks", {}).items():
         if "attacked_accuracy" in result:
@@ -147,6 +168,7 @@ def robustness_values(summary: dict[str, Any], target: str) -> dict[str, float]:
             points = [float(p["accuracy"]) for p in result["curve"] if p["eps"] > 0]
             if points:
                 values[f"{attack}_mean_acc"] = sum(points) / len(points)
+            values.update({f"{attack}@{float(p['eps']):g}": float(p["accuracy"]) for p in result["curve"]})
     return values
 
 

@@ -11,11 +11,17 @@ A suite is a YAML file (see configs/suites/):
     seeds: [0, 1, 2]
     launch: [accelerate, launch, --config_file, configs/accelerate/multi-gpu-zero2.yaml]   # optional
     robustness: {attacks: [char, pgd], max_examples: 200, args: [], sets: true}
+    # optional: attack the labelled test split instead of validation, also score every test row clean, and take
+    # the robustness sets from local copies (paths relative to this file), e.g.
+    #   robustness: {attacks: [char, pgd], split: test, clean_splits: [test],
+    #                set_paths: {adv_sst2: ../../../shared/data/advglue/dev.json}}
 
 Every run's config is base_config <- base <- tasks[task] <- methods[method] <- {train: {seed, output_dir}}; file paths
-in `data` that are relative are resolved against the suite file. Runs use `train.resume: auto`, so a run cut off
-in an earlier invocation continues from its last checkpoint. A method entry replaces the whole `method` section
-(it starts from the method defaults), so one method's options cannot leak into another's.
+in `data` (and in `robustness.set_paths`) that are relative are resolved against the suite file. A task's
+`data.task_path` is also where `uegr-eval` reads the task's own splits, so a suite on local copies scores offline.
+Runs use `train.resume: auto`, so a run cut off in an earlier invocation continues from its last checkpoint. A method
+entry replaces the whole `method` section (it starts from the method defaults), so one method's options cannot leak
+into another's.
 """
 
 from __future__ import annotations
@@ -26,9 +32,20 @@ from typing import Any
 
 from uegr_dist.config import ConfigError, load_config
 from uegr_dist.config.loading import merge, read_yaml
+from uegr_dist.data.tasks import TASKS
 
 SUITE_KEYS = ("name", "output_dir", "base_config", "base", "methods", "tasks", "seeds", "launch", "robustness")
-ROBUSTNESS_KEYS = ("attacks", "max_examples", "args", "sets")
+ROBUSTNESS_KEYS = (
+    "attacks",
+    "max_examples",
+    "args",
+    "sets",
+    "split",
+    "clean_splits",
+    "clean_max_examples",
+    "set_paths",
+)
+SPLITS = ("validation", "test", "mismatched")
 DATA_PATH_KEYS = ("train_file", "validation_file", "task_path")
 
 
@@ -41,6 +58,16 @@ class Robustness:
     args: list[str] = field(default_factory=list)
     sets: bool = True
     """For registry tasks, also score the task's robustness / out-of-distribution sets (AdvGLUE, HANS, PAWS)."""
+    split: str = "validation"
+    """Registry tasks: the split the attacks run on (`test` needs labelled test data, e.g. GLUE's
+    test_labeled.tsv in the task_path folder). Tasks given as files attack their validation file."""
+    clean_splits: list[str] = field(default_factory=list)
+    """Registry tasks: splits scored without attack (column `<split>_acc`), e.g. [test]."""
+    clean_max_examples: int | None = None
+    """Rows scored of each clean split and robustness set (None: all of them; `max_examples` bounds the attacks)."""
+    set_paths: dict[str, str] = field(default_factory=dict)
+    """Local copies of robustness sets (`uegr-eval --task-path`), e.g. {adv_sst2: advglue/dev.json}; a set without
+    one is read from the Hub."""
 
 
 @dataclass
@@ -88,6 +115,27 @@ def _resolve_data_paths(config: dict[str, Any], base: Path) -> dict[str, Any]:
     return {**config, "data": data} if data else config
 
 
+def _check_robustness(rob: Robustness, path: Path) -> None:
+    """The split options name known splits, the counts are positive, set_paths maps set names to paths."""
+    if not isinstance(rob.clean_splits, list):
+        raise ConfigError(f"suite {path}: robustness.clean_splits must be a list, got {rob.clean_splits!r}")
+    for key, split in [("split", rob.split)] + [("clean_splits", s) for s in rob.clean_splits]:
+        if split not in SPLITS:
+            raise ConfigError(
+                f"suite {path}: robustness.{key}: {split!r} is not a split (allowed: {', '.join(SPLITS)})"
+            )
+    for key in ("max_examples", "clean_max_examples"):
+        value = getattr(rob, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"suite {path}: robustness.{key} = {value!r}: must be an integer >= 1")
+    paths = rob.set_paths
+    if not isinstance(paths, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in paths.items()):
+        raise ConfigError(f"suite {path}: robustness.set_paths must map set names to paths, got {paths!r}")
+    unknown = [name for name in paths if name not in TASKS]
+    if unknown:
+        raise ConfigError(f"suite {path}: robustness.set_paths: {unknown[0]!r} is not a registered task")
+
+
 def load_suite(path: str | Path, output_dir: str | Path | None = None) -> Suite:
     """Read and check a suite file: every run's config is built and validated now, so a bad method or task option
     fails before the first run starts."""
@@ -119,6 +167,11 @@ def load_suite(path: str | Path, output_dir: str | Path | None = None) -> Suite:
     robustness = Robustness(**rob)
     if not isinstance(robustness.attacks, list) or not isinstance(robustness.args, list):
         raise ConfigError(f"suite {path}: robustness.attacks and robustness.args must be lists")
+    _check_robustness(robustness, path)
+    robustness.set_paths = {
+        name: value if Path(value).is_absolute() else str((here / value).resolve())
+        for name, value in robustness.set_paths.items()
+    }
     name = str(raw.get("name") or path.stem)
     out = Path(output_dir or raw.get("output_dir") or f"outputs/compare/{name}")
 
