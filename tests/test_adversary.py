@@ -11,6 +11,8 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, BertConfig
 
 from uegr_dist.forward import perturb_embeddings
+from uegr_dist.forward.adversary import embedding_scale
+from uegr_dist.rng import keyed_uniform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,6 +100,61 @@ def test_keyed_init_is_deterministic_and_steps_zero_returns_projected_init() -> 
         lambda e: losses(e).sum(), embeds, mask, eps=0.01, step_size=0.1, steps=0, init_scale=1.0, row_keys=keys
     )
     assert (big.flatten(1).norm(dim=1) <= 0.01 * (1 + 1e-5)).all()
+
+
+def relative_reference(losses, embeds, mask, *, eps, step_size, steps, norm, init_scale, keys, key):
+    """Slow reference of relative=True: one example at a time, its own radius, step and start size from its token
+    embeddings (l2: their norm; linf and the start: their root mean square coordinate), plain loops in float64."""
+    deltas = []
+    for i in range(embeds.shape[0]):
+        tokens = embeds[i][mask[i] == 1].double()  # [n_i, D]
+        size = tokens.norm().item()
+        rms = (tokens.pow(2).mean()).sqrt().item()
+        unit = size if norm == "l2" else rms
+        radius, stride = eps * unit, step_size * unit
+        token = mask[i].double().view(-1, 1)
+        uniform = keyed_uniform(key, keys[i : i + 1], tuple(embeds.shape[1:]))[0].double()
+
+        def project(d, radius=radius):
+            if norm == "linf":
+                return d.clamp(-radius, radius)
+            length = d.norm().item()
+            return d * min(1.0, radius / (length + 1e-12))
+
+        delta = project((2.0 * uniform - 1.0) * init_scale * rms * token)
+        for _ in range(steps):
+            d = delta.float().requires_grad_(True)
+            perturbed = embeds.clone()
+            perturbed[i] = embeds[i] + d
+            (grad,) = torch.autograd.grad(losses(perturbed)[i], d)
+            grad = grad.double() * token
+            scale = grad.norm() if norm == "l2" else grad.abs().max()
+            delta = project(delta + stride * grad / (scale + 1e-12))
+        deltas.append(delta.float())
+    return torch.stack(deltas)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_relative_eps_equals_per_example_reference_and_scales_with_the_embeddings(norm: str) -> None:
+    model, embeds, mask, labels = tiny_task()
+    losses = per_example_loss(model, mask, labels)
+    keys = torch.arange(8) + 3
+    kwargs = {"eps": 0.3 if norm == "l2" else 0.5, "step_size": 0.2, "steps": 2, "norm": norm, "init_scale": 0.1}
+    fast = perturb_embeddings(lambda e: losses(e).sum(), embeds, mask, row_keys=keys, key=5, relative=True, **kwargs)
+    slow = relative_reference(losses, embeds, mask, keys=keys, key=5, **kwargs)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
+    token = mask.unsqueeze(-1).float()
+    size, rms = embedding_scale(embeds, token)
+    bound = kwargs["eps"] * (size if norm == "l2" else rms)
+    reached = fast.flatten(1).norm(dim=1) if norm == "l2" else fast.flatten(1).abs().amax(dim=1)
+    assert (reached <= bound * (1 + 1e-5)).all() and (reached > 0.5 * bound).all()
+    assert (fast[mask == 0] == 0).all()
+    # The ball follows the embeddings' scale: twice the embeddings (a loss of e / 2, so the same landscape), twice
+    # the perturbation. An absolute eps does not move.
+    doubled = perturb_embeddings(
+        lambda e: losses(e / 2).sum(), 2 * embeds, mask, row_keys=keys, key=5, relative=True, **kwargs
+    )
+    torch.testing.assert_close(doubled, 2 * fast, rtol=1e-4, atol=1e-6)
 
 
 def test_zero_gradient_gives_finite_delta() -> None:

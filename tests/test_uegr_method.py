@@ -69,6 +69,7 @@ def _reference_loss(method: UEGR, model, batch, step: int, micro_step: int) -> t
         init_scale=adv.init_scale,
         row_keys=ids,
         key=mix_key(key, 1, 0),
+        relative=adv.relative,
     )
     rates = [None, *method.schedule.rates(step)]
     all_keys = stacked_row_keys(ids, n).view(n, -1)
@@ -88,11 +89,15 @@ def _reference_loss(method: UEGR, model, batch, step: int, micro_step: int) -> t
     return ce[0] + cfg.alpha * torch.stack(ce[1:]).mean() + cfg.beta * js
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta", "deberta-v2"])
-def test_stacked_forward_equals_sequential_reference(arch):
+@pytest.mark.parametrize(
+    ("arch", "adversary"),
+    [("bert", {}), ("roberta", {}), ("deberta-v2", {}), ("bert", {"relative": True, "eps": 0.2, "step_size": 0.2})],
+)
+def test_stacked_forward_equals_sequential_reference(arch, adversary):
     model = _tiny(arch).train()
     batch = _batch()
-    method, _ = _method(model, {"dropout": {"k": 3, "p_min": 0.1, "p_max": 0.4}, "alpha": 0.7, "beta": 2.0})
+    overrides = {"dropout": {"k": 3, "p_min": 0.1, "p_max": 0.4}, "alpha": 0.7, "beta": 2.0, "adversary": adversary}
+    method, _ = _method(model, overrides)
     fast = method.loss(model, batch, step=5, micro_step=9).loss
     slow = _reference_loss(method, model, batch, step=5, micro_step=9)
     assert math.isclose(fast.item(), slow.item(), rel_tol=1e-5, abs_tol=1e-6)

@@ -185,6 +185,10 @@ class AdversaryConfig:
     step_size: float = bounded(0.1, 0.0)
     norm: str = choice("l2", "l2", "linf")
     init_scale: float = bounded(0.01, 0.0)
+    relative: bool = False
+    """false: eps, step_size and init_scale are absolute, in embedding units; true: fractions of each example's own
+    embedding size (l2: of the L2 norm of its token embeddings; linf and init_scale: of their root mean square
+    coordinate), the same share of the text for every length and model (uegr_dist/forward/adversary.py)."""
 
 
 @dataclass

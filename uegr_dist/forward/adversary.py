@@ -26,12 +26,19 @@ def perturb_embeddings(
     init_scale: float = 1e-3,
     row_keys: torch.Tensor | None = None,
     key: int = 0,
+    relative: bool = False,
 ) -> torch.Tensor:
     """Perturbation delta [B, S, D] (detached, zero on pads) that increases loss_fn(embeds [B, S, D] + delta).
 
     attention_mask [B, S] (1 = token, 0 = pad); loss_fn maps perturbed embeddings to a scalar. Only delta gets a
     gradient (torch.autograd.grad): parameter `.grad` fields are never touched. row_keys int64 [B] make the random
     start reproducible per sample (keyed_uniform(key, row_keys, (S, D))); None draws it from the global torch RNG.
+
+    relative: eps, step_size and init_scale are fractions of each example's own embedding size instead of absolute
+    embedding units (`embedding_scale`): for l2, eps and step_size are multiplied by the L2 norm of the example's
+    embeddings over its tokens, ||e_i||; for linf, and init_scale in both norms, by their root mean square
+    coordinate, ||e_i|| / sqrt(n_tokens_i * D). So the ball keeps the same size relative to the text whatever its
+    length and the model's embedding scale.
     """
     _check_arguments(embeds, attention_mask, eps, step_size, steps, norm, init_scale, row_keys)
     clean = embeds.detach()
@@ -41,13 +48,34 @@ def perturb_embeddings(
         uniform = torch.rand(clean.shape, device=clean.device)
     else:
         uniform = keyed_uniform(key, row_keys.to(clean.device), tuple(clean.shape[1:]))
-    delta = _project((2.0 * uniform - 1.0) * init_scale * token, eps, norm)
+    radius: float | torch.Tensor = eps
+    stride: float | torch.Tensor = step_size
+    start: float | torch.Tensor = init_scale
+    if relative:
+        size, rms = embedding_scale(clean, token)
+        radius, stride = (eps * size, step_size * size) if norm == "l2" else (eps * rms, step_size * rms)
+        start = init_scale * rms
+    delta = _project((2.0 * uniform - 1.0) * _per_example(start) * token, radius, norm)
     for _ in range(steps):
         delta.requires_grad_(True)
         loss = loss_fn(clean + delta.to(clean.dtype))
         (grad,) = torch.autograd.grad(loss, delta)
-        delta = _project(delta.detach() + step_size * _normalize(grad * token, norm), eps, norm)
+        delta = _project(delta.detach() + _per_example(stride) * _normalize(grad * token, norm), radius, norm)
     return delta.detach().to(clean.dtype)
+
+
+def embedding_scale(embeds: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example of embeds [B, S, D] with token [B, S, 1] (1 = token, 0 = pad): the L2 norm of its token
+    embeddings [B] and their root mean square coordinate [B] (float32; norm / sqrt(n_tokens * D))."""
+    masked = embeds.to(torch.float32) * token
+    size = masked.flatten(1).norm(dim=1)
+    count = token.flatten(1).sum(dim=1).clamp(min=1.0) * embeds.shape[-1]
+    return size, size / count.sqrt()
+
+
+def _per_example(value: float | torch.Tensor) -> float | torch.Tensor:
+    """A per-example tensor [B] as [B, 1, 1] (broadcasts over [B, S, D]); a float unchanged."""
+    return value.view(-1, 1, 1) if isinstance(value, torch.Tensor) else value
 
 
 def _normalize(grad: torch.Tensor, norm: str) -> torch.Tensor:
@@ -57,9 +85,12 @@ def _normalize(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad / (scale + _TINY).view(-1, 1, 1)
 
 
-def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """delta [B, S, D] projected per example onto the eps-ball of `norm`."""
+def _project(delta: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:
+    """delta [B, S, D] projected per example onto the eps-ball of `norm` (eps a float, or a tensor [B] of radii)."""
     if norm == "linf":
+        if isinstance(eps, torch.Tensor):
+            bound = eps.view(-1, 1, 1)
+            return torch.maximum(torch.minimum(delta, bound), -bound)
         return delta.clamp(-eps, eps)
     length = delta.flatten(1).norm(dim=1)
     return delta * (eps / (length + _TINY)).clamp(max=1.0).view(-1, 1, 1)

@@ -95,6 +95,7 @@ class UEGR(Method):
             init_scale=adv.init_scale,
             row_keys=sample_keys,
             key=mix_key(key, _ADVERSARY_STREAM, 0),
+            relative=adv.relative,
         )
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, micro_step: int) -> StepOutput:
