@@ -105,6 +105,17 @@ def test_bad_suite_fails_before_any_run_naming_the_run(tmp_path, easy_task):
         load_suite(path)
 
 
+def test_shard_runs_every_nth_run(tmp_path, easy_task, capsys):
+    path = _suite(tmp_path, easy_task)  # 2 methods x 2 seeds: vanilla/0, vanilla/1, uegr/0, uegr/1
+    assert main(["--suite", str(path), "--dry-run", "--shard", "2/2"]) == 0
+    out = capsys.readouterr().out
+    assert "shard 2/2: 2 of the 4 runs" in out
+    assert "easy/vanilla/seed-1" in out and "easy/uegr/seed-1" in out and "seed-0" not in out
+    for bad in ("3/2", "0/2", "a/b"):
+        with pytest.raises(SystemExit):
+            main(["--suite", str(path), "--dry-run", "--shard", bad])
+
+
 def test_shipped_suites_are_valid():
     from pathlib import Path
 

@@ -21,7 +21,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
     parser.add_argument("--report-only", action="store_true", help="rebuild the tables and plots from finished runs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="I/N",
+        help="run only every N-th run, starting with the I-th (1 <= I <= N): N invocations with 1/N .. N/N share a "
+        "suite (e.g. two single-threaded workers on a 2-core CPU); each reports all runs finished so far",
+    )
     return parser
+
+
+def _shard(value: str) -> tuple[int, int]:
+    index, _, count = value.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected I/N, e.g. 1/2") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"{value!r}: need 1 <= I <= N")
+    return i, n
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,13 +56,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"suite {suite.name}: {len(suite.methods)} methods x {len(suite.tasks)} tasks x {len(suite.seeds)} seeds = "
         f"{len(suite.runs)} runs -> {suite.output_dir}"
     )
+    if args.shard:
+        i, n = args.shard
+        mine = suite.runs[i - 1 :: n]
+        print(f"shard {i}/{n}: {len(mine)} of the {len(suite.runs)} runs")
+    else:
+        mine = suite.runs
     if args.dry_run:
-        for run in suite.runs:
+        for run in mine:
             print(f"  {run.key:40} {'finished' if train_finished(run) else 'to run'}")
         return 0
     failed: list[str] = []
     if not args.report_only:
-        outcomes = execute(suite, progress=not args.no_progress)
+        outcomes = execute(suite, progress=not args.no_progress, runs=mine)
         counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
         print(f"runs: {counts['done']} done, {counts['skipped']} already finished, {counts['failed']} failed")
         failed = [f"{o.run.key}: {o.message}" for o in outcomes if o.status == "failed"]

@@ -112,10 +112,11 @@ def train_finished(run: Run) -> bool:
     return (run.directory / "metrics.json").is_file() and (run.directory / RUNNER_FILE).is_file()
 
 
-def execute(suite: Suite, progress: bool = True) -> list[RunOutcome]:
-    """Train and evaluate every run that is not finished yet; a failed run is recorded and the suite goes on."""
+def execute(suite: Suite, progress: bool = True, runs: list[Run] | None = None) -> list[RunOutcome]:
+    """Train and evaluate every run (of `runs`, default all of the suite's) that is not finished yet; a failed run is
+    recorded and the suite goes on."""
     outcomes = []
-    bar = tqdm(suite.runs, desc=f"suite {suite.name}", unit="run", disable=not progress)
+    bar = tqdm(suite.runs if runs is None else runs, desc=f"suite {suite.name}", unit="run", disable=not progress)
     for run in bar:
         bar.set_postfix_str(run.key)
         log = suite.output_dir / "logs" / f"{run.task}__{run.method}__seed-{run.seed}.log"
