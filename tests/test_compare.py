@@ -124,6 +124,18 @@ def test_shipped_suites_are_valid():
     assert len(small.runs) == len(small.methods) * len(small.seeds) and small.robustness.attacks
     full = load_suite(root / "uegr13.yaml")
     assert len(full.tasks) == 13 and len(full.runs) == 13 * len(full.methods) * len(full.seeds)
+    # The SST-2 / AdvGLUE study (CPU and GPU) reads the local copies in ../shared/data next to the repository and
+    # scores the labelled test split: every uegr-eval call gets a --task-path.
+    shared = root.parents[2] / "shared" / "data"
+    for name in ("sst2-advglue-cpu.yaml", "sst2-advglue-gpu.yaml"):
+        study = load_suite(root / name)
+        assert study.seeds == [0, 1, 2] and {"vanilla", "uegr", "rdrop", "freelb", "smart", "sam"} <= set(study.methods)
+        targets = {t.name: t for t in eval_targets(study.runs[0], study)}
+        assert sorted(targets) == ["adv_sst2", "test", "test-clean"]
+        assert targets["test"].max_examples == 300 and targets["test"].attacks == ["char", "pgd"]
+        assert str(shared / "sst2") in targets["test-clean"].data_args
+        assert targets["adv_sst2"].data_args[-1] == str(shared / "advglue" / "dev.json")
+    assert load_suite(root / "sst2-search-cpu.yaml").robustness.sets is False
 
 
 def _sst2_copies(tmp_path, easy_task):
