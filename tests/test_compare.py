@@ -105,7 +105,7 @@ def test_bad_suite_fails_before_any_run_naming_the_run(tmp_path, easy_task):
         load_suite(path)
 
 
-def test_shard_runs_every_nth_run(tmp_path, easy_task, capsys):
+def test_shard_and_methods_select_runs(tmp_path, easy_task, capsys):
     path = _suite(tmp_path, easy_task)  # 2 methods x 2 seeds: vanilla/0, vanilla/1, uegr/0, uegr/1
     assert main(["--suite", str(path), "--dry-run", "--shard", "2/2"]) == 0
     out = capsys.readouterr().out
@@ -114,6 +114,13 @@ def test_shard_runs_every_nth_run(tmp_path, easy_task, capsys):
     for bad in ("3/2", "0/2", "a/b"):
         with pytest.raises(SystemExit):
             main(["--suite", str(path), "--dry-run", "--shard", bad])
+    assert main(["--suite", str(path), "--dry-run", "--methods", "uegr", "--shard", "1/2"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "shard 1/2: 1 of the 2 runs" in out and "easy/uegr/seed-0" in out and "vanilla" not in out.split("runs ->")[1]
+    )
+    assert main(["--suite", str(path), "--dry-run", "--methods", "uegr,sam"]) == 2
+    assert "'sam' is not a method of the suite" in capsys.readouterr().err
 
 
 def test_shipped_suites_are_valid():

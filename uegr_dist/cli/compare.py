@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only every N-th run, starting with the I-th (1 <= I <= N): N invocations with 1/N .. N/N share a "
         "suite (e.g. two single-threaded workers on a 2-core CPU); each reports all runs finished so far",
     )
+    parser.add_argument(
+        "--methods",
+        metavar="A,B",
+        help="run only these methods of the suite (comma-separated names); the report still covers every finished run",
+    )
     return parser
 
 
@@ -56,12 +61,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"suite {suite.name}: {len(suite.methods)} methods x {len(suite.tasks)} tasks x {len(suite.seeds)} seeds = "
         f"{len(suite.runs)} runs -> {suite.output_dir}"
     )
+    mine = suite.runs
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in suite.methods]
+        if unknown:
+            print(f"uegr-compare: error: --methods: {unknown[0]!r} is not a method of the suite", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        mine = [run for run in mine if run.method in wanted]
     if args.shard:
         i, n = args.shard
-        mine = suite.runs[i - 1 :: n]
-        print(f"shard {i}/{n}: {len(mine)} of the {len(suite.runs)} runs")
-    else:
-        mine = suite.runs
+        print(f"shard {i}/{n}: {len(mine[i - 1 :: n])} of the {len(mine)} runs")
+        mine = mine[i - 1 :: n]
     if args.dry_run:
         for run in mine:
             print(f"  {run.key:40} {'finished' if train_finished(run) else 'to run'}")
