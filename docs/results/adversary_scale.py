@@ -1,5 +1,5 @@
-"""How big is UEGR's adversarial perturbation next to the embeddings it perturbs? (docs/results.md, "Why the
-shipped eps did not pay off")
+"""How big is UEGR's adversarial perturbation next to the embeddings it perturbs? (docs/results.md, "The
+adversary's size")
 
     python docs/results/adversary_scale.py --data outputs/sst2-search/data/search_train.jsonl \
         [--model runs/vanilla] [--out docs/results/adversary_scale.json]

@@ -1,7 +1,7 @@
 """The held-out split of the hyperparameter search (docs/results.md, "Choosing the defaults"): only the study's
 4,000-row training slice of SST-2 is read, never dev, test or AdvGLUE.
 
-    python docs/results/make_search_split.py --task-path ../shared/data/sst2 --out outputs/sst2-search/data
+    python docs/results/make_search_split.py --task-path data/sst2 --out outputs/sst2-search/data
 
 takes the same seeded slice the study trains on (`data.max_train_samples: 4000`, `max_train_samples_seed: 0`) and
 splits it with a fixed seed into search_train.jsonl (3,400 rows) and heldout.jsonl (600 rows). heldout.jsonl lists

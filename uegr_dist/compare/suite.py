@@ -14,7 +14,7 @@ A suite is a YAML file (see configs/suites/):
     # optional: attack the labelled test split instead of validation, also score every test row clean, and take
     # the robustness sets from local copies (paths relative to this file), e.g.
     #   robustness: {attacks: [char, pgd], split: test, clean_splits: [test],
-    #                set_paths: {adv_sst2: ../../../shared/data/advglue/dev.json}}
+    #                set_paths: {adv_sst2: ../../data/advglue/dev.json}}
 
 Every run's config is base_config <- base <- tasks[task] <- methods[method] <- {train: {seed, output_dir}}; file paths
 in `data` (and in `robustness.set_paths`) that are relative are resolved against the suite file. A task's
