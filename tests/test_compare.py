@@ -131,9 +131,10 @@ def test_shipped_suites_are_valid():
     assert len(small.runs) == len(small.methods) * len(small.seeds) and small.robustness.attacks
     full = load_suite(root / "uegr13.yaml")
     assert len(full.tasks) == 13 and len(full.runs) == 13 * len(full.methods) * len(full.seeds)
-    # The SST-2 / AdvGLUE study (CPU and GPU) reads the local copies in ../shared/data next to the repository and
-    # scores the labelled test split: every uegr-eval call gets a --task-path.
-    shared = root.parents[2] / "shared" / "data"
+    # The SST-2 / AdvGLUE study (CPU and GPU) reads the public data from data/ under the repository (where
+    # docs/results.md says to put it; resolved, as the suite resolves it, in case data/ is a symlink) and scores the
+    # labelled test split: every uegr-eval call gets a --task-path.
+    shared = (root.parents[1] / "data").resolve()
     for name in ("sst2-advglue-cpu.yaml", "sst2-advglue-gpu.yaml"):
         study = load_suite(root / name)
         assert study.seeds == [0, 1, 2] and {"vanilla", "uegr", "rdrop", "freelb", "smart", "sam"} <= set(study.methods)
