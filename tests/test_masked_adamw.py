@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -92,7 +93,7 @@ def test_invalid_masks_and_hyperparameters_raise() -> None:
     params = make_params()
     opt = MaskedAdamW(params)
     with pytest.raises(ValueError, match="bool"):
-        opt.set_update_masks({params[0]: torch.ones(params[0].shape)})
+        opt.set_update_masks({params[0]: torch.ones(params[0].shape, dtype=torch.float64)})
     with pytest.raises(ValueError, match="shaped"):
         opt.set_update_masks({params[0]: torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="not in this optimizer"):
@@ -122,3 +123,154 @@ def test_update_is_the_same_in_any_grouping(monkeypatch) -> None:
     for one, many in zip(*results):
         for a, b in zip(one, many):
             assert torch.equal(a, b)
+
+
+def previous_masked_update(
+    params: list[torch.nn.Parameter], states: list[dict], masks: list[torch.Tensor], group: dict
+):
+    """The masked update as it was written before the fused form (increments scaled by the mask), the reference
+    the fused form must equal bit for bit."""
+    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    grads = [p.grad for p in params]
+    exp_avgs = [s["exp_avg"] for s in states]
+    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+    steps = [s["step"].item() for s in states]
+    root_corrections = [math.sqrt(1.0 - beta2**t) for t in steps]
+    step_sizes = [-lr / (1.0 - beta1**t) for t in steps]
+    masks = [mask.to(p.dtype) for p, mask in zip(params, masks)]
+    with torch.no_grad():
+        if weight_decay != 0.0:
+            torch._foreach_addcmul_(params, params, masks, value=-lr * weight_decay)
+        a = torch._foreach_mul(grads, grads)
+        torch._foreach_sub_(a, exp_avg_sqs)
+        torch._foreach_mul_(a, masks)
+        torch._foreach_add_(exp_avg_sqs, a, alpha=1.0 - beta2)
+        b = torch._foreach_sub(grads, exp_avgs)
+        torch._foreach_mul_(b, masks)
+        torch._foreach_add_(exp_avgs, b, alpha=1.0 - beta1)
+        torch._foreach_copy_(a, exp_avg_sqs)
+        torch._foreach_sqrt_(a)
+        torch._foreach_div_(a, root_corrections)
+        torch._foreach_add_(a, eps)
+        torch._foreach_copy_(b, exp_avgs)
+        torch._foreach_mul_(b, masks)
+        torch._foreach_addcdiv_(params, b, a, step_sizes)
+
+
+def odd_params(seed: int = 0) -> list[torch.nn.Parameter]:
+    """Sizes that leave vector tails (not multiples of 8 or 16) and one tensor larger than the update's slices."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in [(7, 13), (1001,), (3, 5, 11), (37,)]]
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("chunk", [1 << 30, 64])
+def test_masked_update_equals_the_previous_form_bit_for_bit(mask_dtype, chunk, monkeypatch) -> None:
+    """The fused masked update (lerp with the mask as weights, scratch buffers, parameters in slices) computes the
+    same bits as the increment form it replaced, for bool masks and for the masker's float 0 / 1 masks."""
+    import uegr_dist.backward.masked_adamw as module
+
+    monkeypatch.setattr(module, "UPDATE_CHUNK_ELEMENTS", chunk)
+    ours_params, ref_params = odd_params(), odd_params()
+    ours = MaskedAdamW(groups(ours_params), **HYPER)
+    ref = MaskedAdamW(groups(ref_params), **HYPER)  # its state layout; the masked steps below use the old form
+    gen = torch.Generator().manual_seed(5)
+    for step in range(5):
+        set_grads(ours_params, step)
+        set_grads(ref_params, step)
+        if step == 0:  # moments start from a plain step
+            ours.step()
+            ref.step()
+            continue
+        masks = [torch.rand(p.shape, generator=gen) < 0.4 for p in ours_params]
+        ours.set_update_masks({p: m.to(mask_dtype) for p, m in zip(ours_params, masks)})
+        ours.step()
+        for group in ref.param_groups:
+            members = [next(i for i, q in enumerate(ref_params) if q is p) for p in group["params"]]
+            states = [ref.state[ref_params[i]] for i in members]
+            for state in states:
+                state["step"] += 1
+            previous_masked_update([ref_params[i] for i in members], states, [masks[i] for i in members], group)
+    for a, b in zip(ours_params, ref_params):
+        assert torch.equal(a, b)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(ours.state[a][key], ref.state[b][key])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_step_gate(masked: bool, monkeypatch) -> None:
+    """A True gate changes no bit of the update; a False one leaves parameters and moments as they were, even with
+    NaN and inf gradients; `undo_step_counts` then takes the step count back, and the run goes on exactly as one
+    that never took that step."""
+    import uegr_dist.backward.masked_adamw as module
+
+    monkeypatch.setattr(module, "UPDATE_CHUNK_ELEMENTS", 64)
+    runs = {name: odd_params() for name in ("gated", "plain")}
+    opts = {name: MaskedAdamW(groups(params), **HYPER) for name, params in runs.items()}
+    gen = torch.Generator().manual_seed(9)
+    for step in range(6):
+        masks = [torch.rand(p.shape, generator=gen) < 0.5 for p in runs["plain"]]
+        bad = step == 3
+        for name, params in runs.items():
+            if name == "plain" and bad:
+                continue  # the reference skips the bad step altogether
+            set_grads(params, step)
+            if bad:
+                params[0].grad[0, 0] = math.nan
+                params[1].grad[3] = math.inf
+            before = [(p.detach().clone(), dict(opts[name].state[p])) for p in params]
+            before = [(v, {k: t.clone() for k, t in s.items()}) for v, s in before]
+            if masked:
+                opts[name].set_update_masks(dict(zip(params, masks)))
+            if name == "gated":
+                opts[name].set_step_gate(torch.tensor(not bad))
+            opts[name].step()
+            if bad:
+                for p, (value, state) in zip(params, before):
+                    assert torch.equal(p, value)
+                    assert torch.equal(opts[name].state[p]["exp_avg"], state["exp_avg"])
+                    assert torch.equal(opts[name].state[p]["exp_avg_sq"], state["exp_avg_sq"])
+                    assert opts[name].state[p]["step"] == state["step"] + 1
+                opts[name].undo_step_counts()
+                assert all(opts[name].state[p]["step"] == state["step"] for p, (_, state) in zip(params, before))
+        for a, b in zip(runs["gated"], runs["plain"]):
+            assert torch.equal(a, b), step
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(opts["gated"].state[a][key], opts["plain"].state[b][key])
+
+
+def test_step_counts_are_not_read_during_a_step_and_survive_a_reload() -> None:
+    """The bias corrections come from a Python mirror of the step counts; after load_state_dict the mirror is
+    rebuilt from the loaded tensors."""
+    params = make_params()
+    opt = MaskedAdamW(groups(params), **HYPER)
+    set_grads(params, 0)
+    opt.step()
+    reads = []
+    original = torch.Tensor.item
+
+    def counting_item(self):
+        reads.append(self)
+        return original(self)
+
+    torch.Tensor.item = counting_item
+    try:
+        for step in range(1, 3):
+            set_grads(params, step)
+            opt.step()
+    finally:
+        torch.Tensor.item = original
+    assert reads == []
+    twin_params = make_params()
+    twin = MaskedAdamW(groups(twin_params), **HYPER)
+    with torch.no_grad():
+        for a, b in zip(twin_params, params):
+            a.copy_(b)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for step in range(3, 5):
+        set_grads(params, step)
+        set_grads(twin_params, step)
+        opt.step()
+        twin.step()
+    for a, b in zip(params, twin_params):
+        assert torch.equal(a, b) and float(twin.state[b]["step"]) == 5
