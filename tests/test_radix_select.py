@@ -9,7 +9,13 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from uegr_dist.backward.radix_select import radix_select_threshold, relative_rank, select_top_k
+from uegr_dist.backward.radix_select import (
+    digit_widths,
+    radix_select_threshold,
+    relative_rank,
+    select_top_k,
+    select_top_k_ordered,
+)
 
 
 def reference_top_k(scores: torch.Tensor, offsets: list[int], k: list[int]) -> torch.Tensor:
@@ -296,3 +302,103 @@ def test_relative_rank_sharded_equals_single_process() -> None:
         return relative_rank(scores[start:stop].clone(), local_offsets, all_reduce_sum=group.all_reduce_sum(rank))
 
     assert torch.equal(torch.cat(group.run(shard_rank)), expected)
+
+
+def _old_thresholds_equal(old, new) -> bool:
+    """RadixThreshold fields equal (NaN thresholds where k = 0 compare as equal)."""
+    for a, b in zip(old, new):
+        if a.is_floating_point():
+            if not (torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])):
+                return False
+        elif not torch.equal(a, b):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+@pytest.mark.parametrize("kind", ["ties", "exponents", "zeros", "uniform"])
+def test_ordered_select_matches_stable_sort_and_select_top_k(kind: str, fixed_shapes: bool) -> None:
+    """The two-pass 16-bit select (candidate lists, or fixed shapes as on a GPU) keeps exactly the stable sort's
+    set, with select_top_k's thresholds and counts; many segments narrow the digits, k = 0 and k > size included."""
+    gen = torch.Generator().manual_seed(17)
+    for trial in range(24):
+        n = int(torch.randint(1, 400, (1,), generator=gen))
+        num_segments = int(torch.randint(1, 40 if trial % 4 == 0 else 6, (1,), generator=gen))
+        offsets = random_segments(n, num_segments, gen)
+        scores = random_scores(kind, n, gen)
+        sizes = [b - a for a, b in zip(offsets, offsets[1:])]
+        k = [
+            [1, size, size + 3, 0][trial % 4] if trial < 12 else int(torch.randint(0, size + 1, (1,))) for size in sizes
+        ]
+        chunk = int(torch.randint(16, 128, (1,), generator=gen))
+        result = select_top_k_ordered(scores, offsets, torch.tensor(k), fixed_shapes=fixed_shapes, chunk_size=chunk)
+        assert torch.equal(result.keep, reference_top_k(scores, offsets, k)), (trial, offsets, k)
+        old = select_top_k(scores, torch.tensor(offsets), torch.tensor(k)).thresholds
+        assert _old_thresholds_equal(old, result.thresholds)
+        # A float 0 / 1 output buffer (what the masker uses) holds the same set.
+        out = torch.full((n,), 7.0)
+        select_top_k_ordered(scores, offsets, torch.tensor(k), fixed_shapes=fixed_shapes, out=out)
+        assert torch.equal(out.bool(), result.keep) and set(out.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+@pytest.mark.parametrize("world", [2, 3])
+def test_ordered_shards_equal_single_process(world: int, fixed_shapes: bool) -> None:
+    """Contiguous slices of one buffer (the split DDP masker): ties cut across ranks go to the lowest positions."""
+    gen = torch.Generator().manual_seed(23 + world)
+    for kind in ("ties", "exponents", "zeros"):
+        for _ in range(4):
+            n = int(torch.randint(50, 600, (1,), generator=gen))
+            scores = random_scores(kind, n, gen)
+            offsets = random_segments(n, int(torch.randint(1, 5, (1,), generator=gen)), gen)
+            k = [int(torch.randint(0, b - a + 1, (1,), generator=gen)) for a, b in zip(offsets, offsets[1:])]
+            group = Lockstep(world)
+            keep = torch.cat(
+                group.run(
+                    _ordered_shard_keep(scores, offsets, k, contiguous_shards(n, world, gen), group, fixed_shapes)
+                )
+            )
+            assert torch.equal(keep, reference_top_k(scores, offsets, k))
+            # Two histogram passes and one all-reduce of the ties' per-rank counts.
+            assert all(len(sizes) == 3 for sizes in group.sizes)
+
+
+def _ordered_shard_keep(
+    scores: torch.Tensor,
+    offsets: list[int],
+    k: list[int],
+    shards: list[tuple[int, int]],
+    group: Lockstep,
+    fixed_shapes: bool,
+) -> Callable[[int], torch.Tensor]:
+    def shard_keep(rank: int) -> torch.Tensor:
+        start, stop = shards[rank]
+        return select_top_k_ordered(
+            scores[start:stop].clone(),
+            [min(max(o, start), stop) - start for o in offsets],
+            torch.tensor(k),
+            all_reduce_sum=group.all_reduce_sum(rank),
+            rank=rank,
+            world=len(shards),
+            fixed_shapes=fixed_shapes,
+            chunk_size=13,
+        ).keep
+
+    return shard_keep
+
+
+def test_ordered_select_validates_on_request_and_never_crashes_on_nan() -> None:
+    scores = torch.tensor([1.0, float("nan"), 2.0, float("inf")])
+    with pytest.raises(ValueError, match="finite"):
+        select_top_k_ordered(scores, [0, 4], torch.tensor([2]), validate=True)
+    for fixed_shapes in (False, True):  # a non-finite step's garbage scores: some set, no error
+        negative_nan = torch.tensor([-float("nan"), 1.0, -2.0]).abs().neg()
+        select_top_k_ordered(negative_nan, [0, 3], torch.tensor([1]), fixed_shapes=fixed_shapes)
+        select_top_k_ordered(scores, [0, 4], torch.tensor([2]), fixed_shapes=fixed_shapes)
+
+
+def test_digit_widths_bound_the_histograms() -> None:
+    assert digit_widths(1) == digit_widths(16) == (16, 16)
+    for segments in (17, 100, 300, 5000):
+        widths = digit_widths(segments)
+        assert sum(widths) == 32 and segments * 2 ** max(widths) <= 1 << 21

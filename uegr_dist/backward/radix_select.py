@@ -20,6 +20,7 @@ cheap. Per-element segment ids exist only per chunk.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -488,3 +489,226 @@ def relative_rank(
 
 def _no_reduce(counts: torch.Tensor) -> None:
     """Single process: the local counts are the global counts."""
+
+
+# --- ordered shards: two 16-bit passes, no host reads -----------------------------------------------------------------
+
+_HISTOGRAM_BUDGET_BITS = 20
+"""S * 2**w counts per pass at most (8 MiB of int64): w = 16 up to 16 segments, fewer bits per pass beyond."""
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def digit_widths(num_segments: int) -> tuple[int, ...]:
+    """Bits per radix pass over the 32-bit keys: 16 + 16 for up to 16 segments, narrower digits for more (so that
+    each pass's S * 2**w histogram stays within 2**20 counts)."""
+    width = max(4, min(16, _HISTOGRAM_BUDGET_BITS - max(0, num_segments - 1).bit_length()))
+    widths, left = [], 32
+    while left > 0:
+        widths.append(min(width, left))
+        left -= widths[-1]
+    return tuple(widths)
+
+
+def _histogram(keys: torch.Tensor, bins: int, fixed_shapes: bool) -> torch.Tensor:
+    """Counts (int64 [bins]) of integer keys in [0, bins). `torch.bincount` on the host (fast, but on a GPU it
+    reads the largest key back to size its output), `index_add_` otherwise (no host synchronization)."""
+    if not fixed_shapes:
+        return torch.bincount(keys, minlength=bins)
+    counts = torch.zeros(bins, dtype=torch.int64, device=keys.device)
+    return counts.index_add_(0, keys.to(torch.int32), torch.ones(keys.numel(), dtype=torch.int64, device=keys.device))
+
+
+def _top_digits(bits: torch.Tensor, scores: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """The top 16 bits (sign bit cleared, int16 or int32 [b - a]) of scores[a:b]: a strided int16 view on
+    little-endian machines (no shift pass)."""
+    if _LITTLE_ENDIAN:
+        return torch.bitwise_and(scores.view(torch.int16)[2 * a + 1 : 2 * b : 2], 0x7FFF)
+    return (bits[a:b] >> 16) & 0x7FFF
+
+
+def _digit(values: torch.Tensor, shift: int, width: int) -> torch.Tensor:
+    """(values >> shift) & (2**width - 1), on int32 bit patterns (the sign bit becomes part of the top digit)."""
+    return (values >> shift) & ((1 << width) - 1)
+
+
+def select_top_k_ordered(
+    scores: torch.Tensor,
+    bounds: list[int],
+    k: torch.Tensor,
+    *,
+    all_reduce_sum: AllReduceSum | None = None,
+    rank: int = 0,
+    world: int = 1,
+    fixed_shapes: bool | None = None,
+    validate: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    out: torch.Tensor | None = None,
+) -> TopK:
+    """`select_top_k` for *ordered* shards, in two 16-bit radix passes and without reading a value into Python.
+
+    Ordered shards: within each segment the local elements are in increasing global position, and every element of
+    rank r comes before those of rank r + 1 (one process; or each rank holding a contiguous slice of one canonical
+    buffer, as the split DDP masker does). Then a tie's place in position order is its place among the local ties
+    plus the ties of the lower ranks, and the kept set is exactly `select_top_k`'s.
+
+    scores: float32 [n], >= 0 (negative scores are not detected; NaN and inf only with `validate`).
+    bounds: local segment boundaries [S+1] as Python ints (segment s is scores[bounds[s]:bounds[s+1]]).
+    k: int64 [S] (on scores' device), global keep counts (clamped to the global segment size).
+    all_reduce_sum: the cross-rank sum (None: one process): one call per pass with S * 2**w counts, plus one of
+        world * S counts for the ties' rank offsets when world > 1.
+    fixed_shapes: no data-dependent shapes (no candidate lists, no `bincount`, no `nonzero`): the way to run on a
+        GPU without host synchronization; None picks it for non-CPU tensors. Otherwise (CPU) the elements left after
+        the first pass become index lists, which makes the later passes cheap.
+    validate: fail on NaN or inf scores (reads one count back: a host synchronization on a GPU).
+    out: a buffer [n] for the keep mask, bool or floating (then 1 = keep, 0 = drop, ready to multiply gradients
+        by); reused across steps, it saves allocating and zeroing one.
+
+    The first pass histograms the top 16 bits of every score (per segment), the second the low 16 bits of the
+    scores in the chosen bin; for more than 16 segments the digits narrow (`digit_widths`). Thresholds, counts and
+    the keep mask stay on the device.
+    """
+    if scores.dtype != torch.float32 or scores.dim() != 1 or not scores.is_contiguous():
+        raise ValueError(
+            f"scores must be a contiguous 1-d float32 tensor, got dtype={scores.dtype} shape={tuple(scores.shape)}"
+        )
+    num_segments = len(bounds) - 1
+    if (
+        num_segments < 1
+        or bounds[0] < 0
+        or bounds[-1] > scores.numel()
+        or any(x > y for x, y in zip(bounds, bounds[1:]))
+    ):
+        raise ValueError(f"bounds must be non-decreasing within [0, {scores.numel()}], got {bounds[:8]}")
+    device = scores.device
+    if k.numel() != num_segments:
+        raise ValueError(f"k must have one entry per segment ({num_segments}), got {k.numel()}")
+    fixed = device.type != "cpu" if fixed_shapes is None else fixed_shapes
+    reduce = all_reduce_sum or _no_reduce
+    bits = scores.view(torch.int32)
+    segments = [(s, bounds[s], bounds[s + 1]) for s in range(num_segments) if bounds[s + 1] > bounds[s]]
+    widths = digit_widths(num_segments)
+    need = k.to(device=device, dtype=torch.int64).reshape(-1)
+    threshold = torch.zeros(num_segments, dtype=torch.int64, device=device)
+    num_greater = torch.zeros_like(threshold)
+    # Compact mode: per segment, the local indices (relative to the segment start) still matching the digits so far.
+    candidates: dict[int, torch.Tensor] = {}
+    left = 32
+    local_counts = threshold
+    for pass_index, width in enumerate(widths):
+        shift = left - width
+        bins = 1 << width
+        counts = torch.zeros(num_segments, bins, dtype=torch.int64, device=device)
+        for s, a, b in segments:
+            if pass_index == 0:
+                for c in range(a, b, chunk_size):
+                    d = min(c + chunk_size, b)
+                    keys = _top_digits(bits, scores, c, d) if width == 16 else _digit(bits[c:d], shift, width)
+                    counts[s] += _histogram(keys, bins, fixed)
+            elif not fixed:
+                counts[s] += _histogram(_digit(bits[a:b][candidates[s]], shift, width), bins, False)
+            else:
+                prefix = threshold[s]
+                for c in range(a, b, chunk_size):
+                    chunk = bits[c : min(c + chunk_size, b)]
+                    match = _digit(chunk, left, 32 - left) == prefix
+                    # Non-matching elements go to a spare last bin, dropped below.
+                    keys = torch.where(match, _digit(chunk, shift, width), bins)
+                    counts[s] += _histogram(keys, bins + 1, True)[:bins]
+        local_counts = counts
+        counts = counts.clone() if world > 1 else counts
+        reduce(counts)
+        if pass_index == 0:
+            if validate:
+                _check_finite(counts, width)
+            need = torch.minimum(need, counts.sum(1))  # k beyond the global segment size keeps the whole segment
+        digit, above, num_equal = _pick_digits(counts, need)
+        threshold = (threshold << width) | digit
+        num_greater = num_greater + above
+        need = need - above
+        left = shift
+        if not fixed:
+            for s, a, b in segments:
+                candidates[s] = _filter_candidates(scores, bits, a, b, candidates.get(s), digit[s], width, left)
+    # need = how many scores equal to the threshold each segment keeps, in position order across ranks.
+    cut = threshold.to(torch.int32)  # the bit pattern (wraps above 2**31 - 1: only for k = 0, matching nothing)
+    cut_value = cut.view(torch.float32)
+    offsets = torch.zeros(num_segments, dtype=torch.int64, device=device)
+    if world > 1:
+        local_ties = local_counts.gather(1, digit[:, None]).squeeze(1)  # local scores equal to the threshold
+        table = torch.zeros(world, num_segments, dtype=torch.int64, device=device)
+        table[rank] = local_ties
+        reduce(table)
+        offsets = table[:rank].sum(0)
+    allowed = need - offsets  # local ties this rank may keep (may be <= 0)
+    if out is None:
+        keep = torch.zeros(scores.numel(), dtype=torch.bool, device=device)
+    else:
+        if (
+            not (out.dtype == torch.bool or out.is_floating_point())
+            or out.shape != scores.shape
+            or out.device != device
+        ):
+            raise ValueError(f"out must be a bool or floating tensor shaped {tuple(scores.shape)} on {device}")
+        keep = out
+        keep[: bounds[0]] = False
+        keep[bounds[-1] :] = False
+    for s, a, b in segments:
+        for c in range(a, b, chunk_size):
+            d = min(c + chunk_size, b)
+            torch.gt(scores[c:d], cut_value[s], out=keep[c:d])  # strictly above (non-negative floats order as bits)
+        if not fixed:
+            ties = candidates[s]  # ascending local indices of the scores equal to the threshold
+            order = torch.arange(1, ties.numel() + 1, device=device)
+            keep[a:b][ties[order <= allowed[s]]] = 1
+        else:
+            carry = torch.zeros((), dtype=torch.int64, device=device)
+            for c in range(a, b, chunk_size):
+                d = min(c + chunk_size, b)
+                equal = bits[c:d] == cut[s]
+                order = equal.cumsum(0) + carry
+                carry = order[-1]
+                keep[c:d].masked_fill_(equal & (order <= allowed[s]), True)
+    return TopK(keep, RadixThreshold(cut_value.clone(), num_greater, num_equal, need.clamp(min=0)))
+
+
+def _pick_digits(counts: torch.Tensor, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_pick_bins` for [S, bins] counts of any width."""
+    bins = counts.shape[1]
+    cumulative = counts.flip(1).cumsum(1)
+    j = (cumulative < need[:, None]).sum(1).clamp_(max=bins - 1)
+    in_bin = counts.flip(1).gather(1, j[:, None]).squeeze(1)
+    above = cumulative.gather(1, j[:, None]).squeeze(1) - in_bin
+    return (bins - 1) - j, above, in_bin
+
+
+def _filter_candidates(
+    scores: torch.Tensor,
+    bits: torch.Tensor,
+    a: int,
+    b: int,
+    previous: torch.Tensor | None,
+    digit: torch.Tensor,
+    width: int,
+    left: int,
+) -> torch.Tensor:
+    """Local indices (relative to a, ascending) of segment [a, b) whose digit of this pass equals `digit`."""
+    if previous is None:
+        found = []
+        for c in range(a, b, DEFAULT_CHUNK):
+            d = min(c + DEFAULT_CHUNK, b)
+            if width == 16 and _LITTLE_ENDIAN:
+                # The raw top halves: a set sign bit makes them negative, never equal to a digit (< 2**15).
+                keys = scores.view(torch.int16)[2 * c + 1 : 2 * d : 2]
+            else:
+                keys = _top_digits(bits, scores, c, d) if width == 16 else _digit(bits[c:d], left, width)
+            found.append(torch.nonzero(keys == digit).squeeze(1) + (c - a))
+        return torch.cat(found)
+    return previous[_digit(bits[a:b][previous], left, width) == digit]
+
+
+def _check_finite(counts: torch.Tensor, width: int) -> None:
+    """Fail when the first pass's global counts hold NaN or inf (exponent all ones; with digits narrower than 16
+    bits also negative values); one host read."""
+    first_suspect = 0x7F80 >> (16 - width) if width <= 16 else 0x7F80 << (width - 16)
+    if bool(counts[:, first_suspect:].any()):
+        raise ValueError("scores must be finite and >= 0 (found NaN, inf or a negative value)")
