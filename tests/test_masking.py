@@ -302,3 +302,86 @@ def test_soft_mask_is_keyed_by_canonical_position() -> None:
         uniform = torch.cat([keyed_uniform_flat(key, starts[i], named[i][1].numel()) for i in indices])
         got = torch.cat([masks[named[i][1]].flatten() for i in indices])
         assert torch.equal(got, uniform < prob)
+
+
+class ThreadGroup:
+    """`world` maskers in threads, with an all-reduce (sum) and an all-gather at barriers."""
+
+    def __init__(self, world: int) -> None:
+        import threading
+
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=60)
+        self.slots: list[torch.Tensor | None] = [None] * world
+
+    def _exchange(self, rank: int, tensor: torch.Tensor) -> list[torch.Tensor]:
+        self.slots[rank] = tensor.clone()
+        self.barrier.wait()
+        values = [slot for slot in self.slots if slot is not None]
+        self.barrier.wait()
+        return values
+
+    def split(self, rank: int, packed: bool):
+        from uegr_dist.backward.masking import SplitMasking
+
+        def all_reduce_sum(tensor: torch.Tensor) -> None:
+            tensor.copy_(torch.stack(self._exchange(rank, tensor)).sum(0))
+
+        def all_gather(output: torch.Tensor, local: torch.Tensor) -> None:
+            output.copy_(torch.cat(self._exchange(rank, local)))
+
+        return SplitMasking(rank, self.world, all_reduce_sum, all_gather, packed)
+
+    def run(self, fn):
+        import threading
+
+        results, errors = [None] * self.world, []
+
+        def target(rank: int) -> None:
+            try:
+                results[rank] = fn(rank)
+            except BaseException as error:
+                errors.append(error)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(self.world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize(
+    ("scope", "saliency"), [("global", "taylor"), ("per_layer", "grad_sq"), ("per_tensor", "fisher_ema")]
+)
+def test_split_masking_equals_one_process(scope: str, saliency: str, world: int, packed: bool) -> None:
+    """DDP's split masker (each process scores and selects 1 / N of the coordinates, kept sets all-gathered) leaves
+    every process with exactly the one-process masker's masked gradients and update masks, step after step (the
+    fisher_ema state lives per slice); heavy ties cut across the slices."""
+    options = MaskOptions(ratio=0.3, scope=scope, saliency=saliency)
+    single_named = toy_params()
+    single = GradientMasker(single_named, options)
+    group = ThreadGroup(world)
+    ranks = [toy_params() for _ in range(world)]
+    maskers = [GradientMasker(ranks[r], options, split=group.split(r, packed)) for r in range(world)]
+    assert maskers[0].split is not None and maskers[0].hi - maskers[0].lo < single.total
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        grads = [torch.randint(-2, 3, param.shape, generator=gen).float() for _, param in single_named]
+        for named in [single_named, *ranks]:
+            for (_, param), grad in zip(named, grads):
+                param.grad = grad.clone()
+        stats = single.apply_()
+        group.run(lambda rank: maskers[rank].apply_())
+        expected = single.update_masks()
+        for r in range(world):
+            got = maskers[r].update_masks()
+            for (_, a), (_, b) in zip(single_named, ranks[r]):
+                assert torch.equal(expected[a], got[b]), (step, r)
+                assert torch.equal(a.grad, b.grad)
+        assert stats.kept == maskers[0].kept_total

@@ -276,7 +276,10 @@ def _update_(
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
         denom = _sqrt(exp_avg_sqs, denom)
         torch._foreach_div_(denom, root_corrections)
-        torch._foreach_add_(denom, eps if gate is None else _gated(gate, eps, math.inf, params[0]))
+        if gate is None:
+            torch._foreach_add_(denom, eps)
+        else:  # a list of 0-dim tensors: the single-tensor form reads the value back on the host (CPU)
+            torch._foreach_add_(denom, [_gated(gate, eps, math.inf, params[0])] * len(denom))
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
         return
     # The masks as 0 / 1 factors (times the gate): the masker's float masks as they are, bool ones converted.

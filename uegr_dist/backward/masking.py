@@ -18,14 +18,14 @@ import dataclasses
 import itertools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
-from uegr_dist.backward.radix_select import AllReduceSum, relative_rank, select_top_k
+from uegr_dist.backward.radix_select import AllReduceSum, relative_rank, select_top_k, select_top_k_ordered
 from uegr_dist.backward.saliency import SaliencyScorer, check_saliency
 from uegr_dist.rng import keyed_uniform_flat, mix_key
 
@@ -38,22 +38,48 @@ _LAYER = re.compile(r"(?:^|\.)layers?\.\d+(?=\.)")
 _SOFT_MASK_STREAM = 0x6D61736B  # keeps the soft mask's numbers apart from other users of the same seed and step
 
 
-@dataclass
 class MaskStats:
-    """What one `GradientMasker.apply_` kept."""
+    """What one `GradientMasker.apply_` kept. Counts and thresholds computed on the device stay there until read:
+    `kept`, `mean_threshold` and `keep_fraction` read them (a host synchronization on a GPU); `lazy_keep_fraction`
+    does not."""
 
-    kept: int
-    """Covered coordinates kept (updated this step)."""
-    total: int
-    """Covered coordinates."""
-    num_segments: int
-    mean_threshold: float
-    """Hard masks: mean over segments of the smallest kept score (the k-th largest); soft masks: NaN."""
+    def __init__(
+        self, kept: int | torch.Tensor, total: int, num_segments: int, mean_threshold: float | torch.Tensor
+    ) -> None:
+        self._kept = kept
+        self.total = total
+        """Covered coordinates."""
+        self.num_segments = num_segments
+        self._mean_threshold = mean_threshold
+
+    @property
+    def kept(self) -> int:
+        """Covered coordinates kept (updated this step)."""
+        return int(self._kept)
+
+    @property
+    def mean_threshold(self) -> float:
+        """Hard masks: mean over segments of the smallest kept score (the k-th largest); soft masks: NaN."""
+        return float(self._mean_threshold)
 
     @property
     def keep_fraction(self) -> float:
         """kept / total."""
         return self.kept / max(self.total, 1)
+
+    @property
+    def lazy_keep_fraction(self) -> float | torch.Tensor:
+        """kept / total without a read: a float when the count is known on the host (hard masks), else a 0-dim
+        tensor to read when logging."""
+        if isinstance(self._kept, torch.Tensor):
+            return self._kept.double() / max(self.total, 1)
+        return self._kept / max(self.total, 1)
+
+    def __repr__(self) -> str:
+        return (
+            f"MaskStats(kept={self._kept}, total={self.total}, num_segments={self.num_segments}, "
+            f"mean_threshold={self._mean_threshold})"
+        )
 
 
 class MaskLayout(NamedTuple):
@@ -252,13 +278,14 @@ def select_coordinates(
     step: int,
     *,
     all_reduce_sum: AllReduceSum | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+) -> tuple[torch.Tensor, torch.Tensor | None, float | torch.Tensor]:
     """One step's choice among the covered coordinates of scores [n] (this rank's, in `layout` order).
 
     Returns keep (bool [n]), the gradient multiplier (float32 [n], from a selector that rescales; else None) and the
-    mean over segments of the hard threshold (NaN for soft masks and selectors). k: int64 [S] keep counts per
-    segment (hard masks). all_reduce_sum: the cross-rank sum (None in one process). `options.selector` decides when
-    given, else the hard top-k (`select_top_k`) or the soft Bernoulli mask (`soft_keep_mask`).
+    mean over segments of the hard threshold (a 0-dim tensor, not read here; NaN for soft masks and selectors).
+    k: int64 [S] keep counts per segment (hard masks). all_reduce_sum: the cross-rank sum (None in one process).
+    `options.selector` decides when given, else the hard top-k (`select_top_k`) or the soft Bernoulli mask
+    (`soft_keep_mask`).
     """
     if options.selector is not None:
         keep, multiplier = options.selector(scores, layout, step, all_reduce_sum)
@@ -267,7 +294,7 @@ def select_coordinates(
         keep, thresholds = select_top_k(
             scores, layout.segment_offsets, k, position_runs=layout.position_runs, all_reduce_sum=all_reduce_sum
         )
-        return keep, None, float(thresholds.threshold.nanmean())
+        return keep, None, thresholds.threshold.nanmean()
     keep = soft_keep_mask(
         scores,
         layout.segment_offsets,
@@ -282,6 +309,21 @@ def select_coordinates(
     return keep, None, math.nan
 
 
+@dataclass(frozen=True)
+class SplitMasking:
+    """How processes that each hold the whole averaged gradient (DDP) share the mask's work: process `rank` of
+    `world` scores and selects the coordinates [rank * m, rank * m + m) of the masker's buffer (m = ceil(total /
+    world), rounded up to a multiple of 8), the thresholds come from all-reduced histograms, and the kept sets are
+    all-gathered, as bits (`packed`) or bytes. Exactly the one-process mask (`select_top_k_ordered`)."""
+
+    rank: int
+    world: int
+    all_reduce_sum: AllReduceSum
+    all_gather: Callable[[torch.Tensor, torch.Tensor], None]
+    """all_gather(output [world * c], input [c]): every rank's input, in rank order, into every rank's output."""
+    packed: bool = True
+
+
 class GradientMasker:
     """Saliency top-rho gradient mask over named parameters (hard top-k or RoAST-style soft Bernoulli mask).
 
@@ -294,9 +336,21 @@ class GradientMasker:
     Equal scores share their mean rank instead of being ordered arbitrarily, so a segment with many exact ties (zero
     gradients of unused embedding rows) keeps fewer than rho of its coordinates in expectation; hard masks keep
     exactly k, splitting ties by position. A `selector` replaces hard / soft selection.
+
+    Hard masks without a selector take the fast path (`select_top_k_ordered`): two 16-bit radix passes, the keep
+    mask as 0 / 1 floats (the gradients are multiplied by it and the optimizer takes it as its update mask), and no
+    value read into Python, so a step with it needs no host synchronization. split: several DDP processes share
+    that work (`SplitMasking`; fast path only). fixed_shapes: as in `select_top_k_ordered` (None: by device).
     """
 
-    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], options: MaskOptions) -> None:
+    def __init__(
+        self,
+        named_params: Sequence[tuple[str, torch.nn.Parameter]],
+        options: MaskOptions,
+        *,
+        split: SplitMasking | None = None,
+        fixed_shapes: bool | None = None,
+    ) -> None:
         self.options = options
         self.scorer = SaliencyScorer(options.saliency, ema_beta=options.ema_beta)
         covered = covered_parameters(named_params, options)
@@ -324,14 +378,42 @@ class GradientMasker:
         self.total = start
         # Selection metadata: segment boundaries [S+1] and keep counts [S] in the layout, (layout start, canonical
         # start) per parameter [P, 2].
-        self.segment_offsets = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int64, device=self.device)
-        self.k = torch.tensor(
-            [keep_count(options.ratio, size) for size in sizes], dtype=torch.int64, device=self.device
-        )
+        self.bounds = [0, *itertools.accumulate(sizes)]
+        self.segment_offsets = torch.tensor(self.bounds, dtype=torch.int64, device=self.device)
+        keep_counts = [keep_count(options.ratio, size) for size in sizes]
+        self.k = torch.tensor(keep_counts, dtype=torch.int64, device=self.device)
         self.position_runs = torch.tensor(runs, dtype=torch.int64, device=self.device)
-        self.scores = torch.zeros(self.total, dtype=torch.float32, device=self.device)
-        self.score_views = self._views(self.scores)
         self.layout = MaskLayout(self.segment_offsets, self.position_runs, [param.numel() for param in self.params])
+        self.fast = options.selector is None and options.kind == "hard"
+        self.fixed_shapes = fixed_shapes
+        self.kept_total = sum(min(k, size) for k, size in zip(keep_counts, sizes))
+        """Coordinates a hard mask keeps (known without counting)."""
+        self.split = split if split is not None and split.world > 1 and self.fast else None
+        # The part of the buffer this process scores and selects: all of it, or its slice [lo, hi).
+        if self.split is None:
+            self.lo, self.hi, width = 0, self.total, self.total
+        else:
+            width = -(-self.total // self.split.world)
+            width += -width % 8  # whole bytes of packed bits
+            self.lo = min(self.total, self.split.rank * width)
+            self.hi = min(self.total, self.lo + width)
+        self.local_bounds = [min(max(b, self.lo), self.hi) - self.lo for b in self.bounds]
+        # Per covered parameter, the piece of it in this process's slice: (index, start in the parameter, length).
+        self._pieces = []
+        for index, (layout_start, param) in enumerate(
+            zip(itertools.accumulate([0, *self.layout.run_sizes]), self.params)
+        ):
+            a, b = max(layout_start, self.lo), min(layout_start + param.numel(), self.hi)
+            if a < b:
+                self._pieces.append((index, a - layout_start, b - a))
+        self.scores = torch.zeros(self.hi - self.lo, dtype=torch.float32, device=self.device)
+        if self.split is None:
+            self.score_views = self._views(self.scores)
+        else:
+            self.score_views = list(self.scores.split([n for _, _, n in self._pieces]))
+        # The fast path's keep mask, 0 / 1 floats over the whole buffer (under split: the gathered slices, padded).
+        self._keep: torch.Tensor | None = None
+        self._width = width
         self._mask: torch.Tensor | None = None
         self.last_stats: MaskStats | None = None
         """What the last `apply_` kept."""
@@ -346,32 +428,82 @@ class GradientMasker:
             start += param.numel()
         return views
 
+    def _keep_buffer(self) -> torch.Tensor:
+        """The fast path's float keep buffer (allocated once; [world * width] under split)."""
+        if self._keep is None:
+            size = self.total if self.split is None else self.split.world * self._width
+            self._keep = torch.zeros(size, dtype=torch.float32, device=self.device)
+        return self._keep
+
     @torch.no_grad()
-    def apply_(self, step: int | None = None) -> MaskStats:
+    def apply_(self, step: int | None = None, *, gate: torch.Tensor | None = None, validate: bool = False) -> MaskStats:
         """Score the current gradients, build step `step`'s mask (default: the masker's own step count) and zero the
-        gradients of the dropped coordinates."""
+        gradients of the dropped coordinates.
+
+        gate: a 0-dim bool tensor, False when the step will not update anything (a non-finite step skipped on the
+        device): the fisher_ema saliency state then stays as it was. validate: fail on NaN or inf scores (the fast
+        path reads one count back for it; the other paths always check)."""
         step = self.step if step is None else step
         self.step = step + 1
         grads = [param.grad for param in self.params]
-        scores = self.scorer.score_(self.scores, self.score_views, self.params, grads)
+        if self.split is None:
+            scores = self.scorer.score_(self.scores, self.score_views, self.params, grads, gate=gate)
+        else:
+            params = [self.params[i].detach().reshape(-1)[a : a + n] for i, a, n in self._pieces]
+            parts = [None if grads[i] is None else grads[i].reshape(-1)[a : a + n] for i, a, n in self._pieces]
+            scores = self.scorer.score_(self.scores, self.score_views, params, parts, gate=gate)
+        if self.fast:
+            keep = self._keep_buffer()
+            split = self.split
+            top = select_top_k_ordered(
+                scores,
+                self.local_bounds,
+                self.k,
+                all_reduce_sum=None if split is None else split.all_reduce_sum,
+                rank=0 if split is None else split.rank,
+                world=1 if split is None else split.world,
+                fixed_shapes=self.fixed_shapes,
+                validate=validate,
+                out=keep[: self.total] if split is None else keep[self.lo : self.lo + self.hi - self.lo],
+            )
+            if split is not None:
+                _gather_keep(keep, self._width, split)
+            self._mask = keep[: self.total]
+            factors = self._views(self._mask)
+            present = [(grad, factor) for grad, factor in zip(grads, factors) if grad is not None]
+            if present:
+                torch._foreach_mul_([grad for grad, _ in present], [factor for _, factor in present])
+            return MaskStats(self.kept_total, self.total, self.k.numel(), top.thresholds.threshold.nanmean())
         keep, multiplier, mean_threshold = select_coordinates(self.options, scores, self.layout, self.k, step)
         self._mask = keep
         factors = self._views(keep if multiplier is None else multiplier)
         masked = [(grad, view) for grad, view in zip(grads, factors) if grad is not None]
         if masked:
             torch._foreach_mul_([grad for grad, _ in masked], [view for _, view in masked])
-        self.last_stats = MaskStats(int(keep.count_nonzero()), self.total, self.k.numel(), mean_threshold)
+        self.last_stats = MaskStats(keep.count_nonzero(), self.total, self.k.numel(), mean_threshold)
         return self.last_stats
 
     def update_masks(self) -> dict[torch.nn.Parameter, torch.Tensor]:
-        """Bool keep mask per covered parameter (shaped like it; views into one flat buffer) from the last apply_."""
+        """Bool keep mask per covered parameter (shaped like it) from the last apply_."""
         if self._mask is None:
             raise RuntimeError("update_masks() needs a mask: call apply_(step) first")
+        mask = self._mask if self._mask.dtype == torch.bool else self._mask.bool()
+        return dict(zip(self.params, self._views(mask)))
+
+    def update_factors(self) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """The same keep mask as the optimizer takes it without conversion: 0 / 1 floats (views into the masker's
+        buffer) on the fast path, bool otherwise."""
+        if self._mask is None:
+            raise RuntimeError("update_factors() needs a mask: call apply_(step) first")
         return dict(zip(self.params, self._views(self._mask)))
 
     def state_dict(self) -> dict[str, Any]:
-        """Covered parameter names (layout order), the step count and the saliency state (the fisher_ema buffer)."""
-        return {"names": list(self.names), "step": self.step, "saliency": self.scorer.state_dict()}
+        """Covered parameter names (layout order), the step count and the saliency state (the fisher_ema buffer,
+        of this process's slice under split)."""
+        state = {"names": list(self.names), "step": self.step, "saliency": self.scorer.state_dict()}
+        if self.split is not None:
+            state["slice"] = (self.lo, self.hi)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`; the covered parameters and their order must match."""
@@ -380,5 +512,26 @@ class GradientMasker:
                 f"masker state covers {len(state['names'])} parameters that differ from this masker's "
                 f"{len(self.names)} (names or order); build the masker with the same parameters, scope and exclude"
             )
+        if tuple(state.get("slice", (0, self.total))) != (self.lo, self.hi):
+            raise ValueError(
+                f"masker state holds the saliency of coordinates {state.get('slice', (0, self.total))}, this "
+                f"process masks {(self.lo, self.hi)} (another process count)"
+            )
         self.step = int(state.get("step", 0))
         self.scorer.load_state_dict(state["saliency"])
+
+
+def _gather_keep(keep: torch.Tensor, width: int, split: SplitMasking) -> None:
+    """All-gather every process's slice keep[r * width : (r + 1) * width] (0 / 1 floats) into all of `keep`."""
+    local = keep[split.rank * width : (split.rank + 1) * width]
+    if not split.packed:
+        gathered = torch.empty(split.world * width, dtype=torch.uint8, device=keep.device)
+        split.all_gather(gathered, local.to(torch.uint8))
+        keep.copy_(gathered)
+        return
+    weights = torch.pow(2, torch.arange(8, device=keep.device))  # built on the device: no copy from the host
+    packed = (local.view(-1, 8) * weights.to(keep.dtype)).sum(1).to(torch.uint8)
+    gathered = torch.empty(split.world * packed.numel(), dtype=torch.uint8, device=keep.device)
+    split.all_gather(gathered, packed)
+    bits = gathered[:, None].bitwise_and(weights.to(torch.uint8)).ne_(0)
+    keep.view(-1, 8).copy_(bits)

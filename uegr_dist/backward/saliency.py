@@ -43,11 +43,14 @@ class SaliencyScorer:
         views: Sequence[torch.Tensor],
         params: Sequence[torch.Tensor],
         grads: Sequence[torch.Tensor | None],
+        *,
+        gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Saliency (float32 [N]) of every coordinate; views[i] (shaped like params[i]) tile flat [N] in order.
 
         `flat` is overwritten and returned, except for "fisher_ema", which returns its EMA buffer. A missing
-        gradient (None) scores 0.
+        gradient (None) scores 0. gate: a 0-dim bool tensor; where False (a step skipped on the device) the EMA
+        keeps its value (the returned scores are then meaningless, as the step is).
         """
         if sum(view.numel() for view in views) != flat.numel():
             raise ValueError(f"views must tile the flat buffer: {sum(v.numel() for v in views)} != {flat.numel()}")
@@ -74,7 +77,10 @@ class SaliencyScorer:
         elif self.ema.shape != flat.shape:
             raise ValueError(f"fisher_ema state has {self.ema.numel()} entries, the scores have {flat.numel()}")
         self.ema = self.ema.to(flat.device)
-        return self.ema.lerp_(flat, 1.0 - self.ema_beta)
+        if gate is None:
+            return self.ema.lerp_(flat, 1.0 - self.ema_beta)
+        torch.lerp(self.ema, flat, 1.0 - self.ema_beta, out=flat)
+        return torch.where(gate, flat, self.ema, out=self.ema)
 
     def state_dict(self) -> dict[str, Any]:
         """Kind, beta and the EMA buffer (None until the first fisher_ema step)."""

@@ -59,7 +59,10 @@ class SelectiveAdamW(MaskedAdamW):
 
     Where the work runs depends on the backend, chosen once by `attach` (`uegr_dist.prepare` attaches):
     one process or DDP: all of it in `step()`, on gradients already averaged over processes (without `attach` the
-    optimizer masks that way by itself). DeepSpeed ZeRO-1/2/3: DeepSpeed calls `step()` per partition on its flat fp32
+    optimizer masks that way by itself; under DDP the processes split the scoring and selection, `SplitMasking`).
+    A step gate (`set_step_gate`, MaskedAdamW) also reaches the mask: a gated step is neither checked for non-finite
+    scores nor read back, so with a gate and a hard mask a step reads no tensor value on the host.
+    DeepSpeed ZeRO-1/2/3: DeepSpeed calls `step()` per partition on its flat fp32
     partitions, inside `accelerator.backward`; the scoring, selection and clipping run at the ZeRO step's entry
     (`ZeroGradientMasker`, on this rank's partition of the averaged gradient) and `step()` only updates.
     """
@@ -117,6 +120,13 @@ class SelectiveAdamW(MaskedAdamW):
         """Run `callback` at the start of every `step()` (one process / DDP), before masking and clipping."""
         self._before_update.append(callback)
 
+    def undo_last_step(self) -> None:
+        """Take back the bookkeeping of the last `step()` after its step gate turned out False (the non-finite
+        guard's device-side skip): the step counts and the masker's step index. Nothing else moved."""
+        self.undo_step_counts()
+        if self.masker is not None and not self.zero and hasattr(self.masker, "step"):
+            self.masker.step -= 1
+
     @property
     def last_mask_stats(self) -> MaskStats | None:
         """What the last step's mask kept (None before the first masked step or without a mask)."""
@@ -146,16 +156,25 @@ class SelectiveAdamW(MaskedAdamW):
             )
         for callback in self._before_update:
             callback()
+        gate = self._gate  # MaskedAdamW.step consumes it
         if self.mask is not None:
             if self.masker is None:
                 self.masker = GradientMasker(self.named_parameters, self.mask)
-            self.masker.apply_()
+            # A gated step may hold non-finite gradients (then nothing is updated): no check, no host read.
+            self.masker.apply_(gate=gate, validate=gate is None)
             if self.mask.freeze_masked:
-                self.set_update_masks(self.masker.update_masks())
+                self.set_update_masks(_as_update_masks(self.masker))
         if self.max_grad_norm > 0:
             grads = [p for _, p in self.named_parameters if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
         return super().step(closure)
+
+
+def _as_update_masks(masker: Any) -> dict[nn.Parameter, torch.Tensor]:
+    """The masker's keep mask per parameter as MaskedAdamW takes it: its 0 / 1 factors in the parameter's dtype
+    (no conversion), or bool."""
+    factors = masker.update_factors() if hasattr(masker, "update_factors") else masker.update_masks()
+    return {p: m if m.dtype in (torch.bool, p.dtype) else m.bool() for p, m in factors.items()}
 
 
 def _named(entry: Any) -> tuple[str, nn.Parameter]:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from uegr_dist.backward.masking import GradientMasker, MaskOptions
+from uegr_dist.backward.masking import GradientMasker, MaskOptions, SplitMasking
 from uegr_dist.backward.selective_adamw import SelectiveAdamW
 from uegr_dist.config import ConfigError
 from uegr_dist.deepspeed_internals import (
@@ -104,11 +104,29 @@ class Backend:
 
 
 class LocalBackend(Backend):
-    """One process or DDP: `backward` leaves the averaged gradient in `.grad`; the optimizer steps afterwards."""
+    """One process or DDP: `backward` leaves the averaged gradient in `.grad`; the optimizer steps afterwards.
+
+    Under DDP every process holds the whole averaged gradient; the gradient mask's scoring and selection are split
+    between the processes (`SplitMasking`: each takes 1 / N of the coordinates, the thresholds come from all-reduced
+    histograms and the kept sets are all-gathered as bits), with exactly the one-process result."""
+
+    split_masking = True
+    """Split the mask's work under DDP (False: every process masks the whole gradient, as before)."""
+    packed_masks = True
+    """All-gather the split kept sets as bits (False: as bytes)."""
 
     def __init__(self, num_processes: int, process_index: int, device: torch.device, optimizer: Any = None) -> None:
         super().__init__(num_processes, process_index, device)
         self.optimizer = optimizer
+
+    def masker(self, named_params: list[tuple[str, nn.Parameter]], options: MaskOptions, max_grad_norm: float) -> Any:
+        """The gradient masker, applied by the optimizer's `step`; under DDP the processes split its work."""
+        if not (self.distributed and self.split_masking and dist.is_available() and dist.is_initialized()):
+            return GradientMasker(named_params, options)
+        split = SplitMasking(
+            self.process_index, self.num_processes, self.all_reduce_sum, _all_gather_into, self.packed_masks
+        )
+        return GradientMasker(named_params, options, split=split)
 
     def before_update(self, callback: Callable[[], None]) -> None:
         """At the start of the SelectiveAdamW step."""
@@ -158,6 +176,11 @@ class ZeroBackend(Backend):
     @property
     def fp16_loss_scaling(self) -> bool:
         return bool(self.engine.fp16_enabled())
+
+
+def _all_gather_into(output: torch.Tensor, local: torch.Tensor) -> None:
+    """Every process's `local` [c], in rank order, into `output` [world * c] (one collective)."""
+    dist.all_gather_into_tensor(output, local)
 
 
 def build_backend(model: Any, optimizer: Any = None, accelerator: Any = None) -> Backend:

@@ -5,6 +5,12 @@ Both decisions are agreed by all processes with one tiny all-reduce, so every ra
 checkpoints at the same step boundary. Under DeepSpeed ZeRO the optimizer step runs inside `accelerator.backward`,
 so the non-finite check runs there too, as a hook on the ZeRO optimizer's `step` (`ZeroStepGuard`).
 
+Without DeepSpeed (one process, DDP) the guard decides on the device, with no host synchronization in the step:
+the optimizer is given the decision as a step gate (a non-finite step changes no parameter or moment), the decision
+travels to the host without waiting, and it is read at the next step (or at a logging step, a checkpoint, the end),
+where the bookkeeping that depends on it happens: the LR scheduler's step, taking back the Adam step counts of a
+skipped step, the count of skipped steps and the stop after too many in a row (`NonFiniteGuard.bind`).
+
 Testing aids (read only here, not part of the config): `UEGR_DEBUG_NAN_STEPS=2,5` fills a gradient of process 0
 with NaN (and its loss) at those optimizer steps (0-based; under DeepSpeed ZeRO, its partition of the averaged
 gradient, inside the ZeRO step); `UEGR_DEBUG_SIGNAL_AT=STEP:SIGNAL` (e.g. `4:TERM`,
@@ -26,6 +32,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from uegr_dist.backward.host import DeferredValue, host_values
 from uegr_dist.deepspeed_internals import (
     clear_overflow,
     data_parallel_group,
@@ -70,6 +77,21 @@ def _agree_any(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(value, "sum").item() > 0)
 
 
+def _host_group(accelerator: Accelerator) -> Any:
+    """A process group for agreeing on host-side flags without touching the device: the default group when it is
+    gloo already (CPU runs), else a gloo group over the same processes (created by every process together); None
+    in one process, or when gloo is not available (the flag then goes through the device)."""
+    if accelerator.num_processes == 1 or not dist.is_initialized():
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    try:
+        return dist.new_group(backend="gloo")
+    except (RuntimeError, ValueError) as error:  # pragma: no cover - a machine without a usable gloo transport
+        logger.warning("no gloo process group (%s): the preemption check reads a device value each step", error)
+        return None
+
+
 class PreemptionHandler:
     """Turns SIGTERM / SIGUSR1 into a flag the loop polls at each optimizer-step boundary (a handler that only sets a
     flag is safe at any point of a step; the checkpoint is written between steps)."""
@@ -79,8 +101,10 @@ class PreemptionHandler:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
         self._debug_at, self._debug_signal = _parse_debug_signal(os.environ.get("UEGR_DEBUG_SIGNAL_AT", ""))
+        self._group: Any = None
 
     def __enter__(self) -> PreemptionHandler:
+        self._group = _host_group(self.accelerator)
         for sig in PREEMPTION_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -101,7 +125,12 @@ class PreemptionHandler:
         preemption signal? Every process must call it at every boundary."""
         if self._debug_signal is not None and step == self._debug_at and self.accelerator.is_main_process:
             os.kill(os.getpid(), self._debug_signal)
-        return _agree_any(self.accelerator, self.received is not None)
+        if self._group is None:
+            return _agree_any(self.accelerator, self.received is not None)
+        # A host flag agreed over a host (gloo) group: no device work, no device synchronization.
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int64)
+        dist.all_reduce(flag, group=self._group)
+        return host_values(flag)[0] > 0
 
 
 def _parse_debug_signal(spec: str) -> tuple[int, int | None]:
@@ -128,11 +157,20 @@ class NonFiniteGuard:
     a step (a warning says so).
 
     first_step: the index (0-based) of the next optimizer step, `LoopState.step` (after a resume, not 0).
+
+    Decided on the device (`bind`; one process and DDP, no fp16 loss scaling, an optimizer with a step gate): the
+    check is the same, but instead of skipping the optimizer step the guard gives the optimizer the decision as a step
+    gate (a non-finite step runs but moves nothing) and reads the decision one step later, from a copy that travelled
+    to the host in the meantime (`settle`): then the LR scheduler steps (finite) or the optimizer takes its step counts
+    back (skipped), and the step is recorded. Nothing is read on the host in between: no synchronization in the step.
+    The loop settles before anything reads that bookkeeping (logging, checkpoints, preemption, the end of training).
     """
 
     def __init__(self, accelerator: Accelerator, max_in_a_row: int, model: Any = None, first_step: int = 0) -> None:
         self.accelerator = accelerator
         self.max_in_a_row = max_in_a_row
+        self._bound: tuple[Any, Any, LoopState] | None = None
+        self._pending: tuple[int, DeferredValue] | None = None
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.check_gradients = not self.deepspeed and accelerator.scaler is None
         raw = os.environ.get("UEGR_DEBUG_NAN_STEPS", "")
@@ -153,11 +191,44 @@ class NonFiniteGuard:
                     max_in_a_row,
                 )
 
+    def bind(self, optimizer: Any, scheduler: Any, state: LoopState) -> None:
+        """Decide on the device from now on, when this run allows it (see the class docstring): `optimizer` takes
+        the step gate (a SelectiveAdamW), `scheduler` steps once a step is known to be finite, `state` counts the
+        skipped steps. Otherwise (DeepSpeed, fp16 loss scaling, another optimizer) nothing changes."""
+        if self.deepspeed or not self.check_gradients or not hasattr(optimizer, "set_step_gate"):
+            return
+        self._bound = (optimizer, scheduler, state)
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the decision is taken on the device and settled one step later (`bind`)."""
+        return self._bound is not None
+
+    def settle(self) -> None:
+        """Apply the pending decision of the last step, if any: the scheduler steps (finite) or the optimizer takes
+        back its step counts (skipped); the step is recorded (NonFiniteLossError after too many in a row). Reads one
+        flag that was copied to the host during the step after it (or waits for it, when called right away)."""
+        if self._pending is None or self._bound is None:
+            return
+        step, decision = self._pending
+        self._pending = None
+        optimizer, scheduler, state = self._bound
+        finite = bool(decision.get())
+        if finite:
+            scheduler.step()
+        else:
+            optimizer.undo_last_step()
+        self._record(finite, state, step)
+
     def step_is_finite(self, loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter], step: int) -> bool:
         """All processes agree whether optimizer step `step` (0-based) is finite; when not, gradients are zeroed.
-        Under a `ZeroStepGuard`, the decision it took inside the ZeRO step (no further collective)."""
+        Under a `ZeroStepGuard`, the decision it took inside the ZeRO step (no further collective). Decided on the
+        device (`bind`): settles the previous step, gives the optimizer this step's decision as its step gate and
+        returns True (the step runs; it moves nothing if the gate is False)."""
         if self.zero is not None:
             return self.zero.decision(step)
+        if self._bound is not None:
+            self.settle()
         params = [p for p in parameters if p.grad is not None]
         if step in self._inject and self.accelerator.is_main_process:
             loss = loss.detach() * math.nan
@@ -167,6 +238,14 @@ class NonFiniteGuard:
         if self.check_gradients and params:
             norms = torch._foreach_norm([p.grad for p in params])
             finite = finite & torch.isfinite(torch.stack(norms).to(finite.device)).all()
+        if self._bound is not None:
+            if self.accelerator.num_processes > 1:
+                bad = (~finite).to(torch.float32).reshape(1)
+                dist.all_reduce(bad)  # on the device: queued, nothing waits for it
+                finite = bad[0] == 0
+            self._bound[0].set_step_gate(finite)
+            self._pending = (step, DeferredValue(finite))
+            return True
         bad = _agree_any(self.accelerator, not bool(finite))  # the step's one host synchronization
         if bad and not self.deepspeed:
             for param in params:
@@ -174,7 +253,12 @@ class NonFiniteGuard:
         return not bad
 
     def record(self, finite: bool, state: LoopState, step: int) -> None:
-        """Count a skipped step in `state`; raise NonFiniteLossError after too many in a row."""
+        """Count a skipped step in `state`; raise NonFiniteLossError after too many in a row. Decided on the device,
+        `settle` records instead (a no-op here)."""
+        if self._bound is None:
+            self._record(finite, state, step)
+
+    def _record(self, finite: bool, state: LoopState, step: int) -> None:
         if finite:
             state.nonfinite_in_a_row = 0
             return

@@ -48,15 +48,20 @@ class RunLog:
             state.train_seconds += time.perf_counter() - self._tic
             state.samples += batch["labels"].shape[0]
 
+    def logs_at(self, step: int) -> bool:
+        """Whether `step` (steps done) writes a loss-curve entry (every `log_every` steps, and the last)."""
+        return step % self.cfg.train.log_every == 0 or step == self.total_steps
+
     def step(self, state: LoopState, logs: dict[str, Any], lr: float) -> None:
-        """After optimizer step `state.step`: the progress bar, and every `log_every` steps a loss-curve entry."""
+        """After optimizer step `state.step`: the progress bar, and every `log_every` steps a loss-curve entry (the
+        logs' 0-dim tensors are read then, all in one transfer)."""
         self.progress.update(1)
-        if state.step % self.cfg.train.log_every and state.step != self.total_steps:
+        if not self.logs_at(state.step):
             return
         self.tally.flush(state)
         finite = [x for x in state.window_loss if math.isfinite(x)]
         entry = {"step": state.step, "loss": float(np.mean(finite)) if finite else math.nan}
-        entry.update({k: float(v) for k, v in logs.items()})
+        entry.update(read_logs(logs))
         entry["lr"] = lr
         entry["nonfinite_steps"] = state.nonfinite_steps
         state.losses.append(entry)
@@ -127,6 +132,19 @@ class DeviceTally:
         if self.tokens is not None:
             state.tokens += int(self.tokens)
             self.tokens = None
+
+
+def read_logs(logs: dict[str, Any]) -> dict[str, float]:
+    """Log values as floats: numbers as they are, tensors (0-dim, possibly on the device) read in one transfer."""
+    out = {key: float(value) for key, value in logs.items() if not isinstance(value, torch.Tensor)}
+    tensors = {key: value for key, value in logs.items() if isinstance(value, torch.Tensor)}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        stacked = torch.stack(
+            [value.detach().to(device=device, dtype=torch.float64).reshape(()) for value in tensors.values()]
+        )
+        out.update(zip(tensors, stacked.tolist()))
+    return {key: out[key] for key in logs}
 
 
 def flat_hparams(cfg: Config) -> dict[str, Any]:

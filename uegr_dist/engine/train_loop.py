@@ -33,7 +33,9 @@ class RunResult:
 def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[StepOutput, bool]:
     """One micro-batch: the method's forward and backward, then, at an accumulation boundary, the optimizer step
     (mask -> clip -> update; under DeepSpeed it already ran inside the backward) unless the non-finite guard skips
-    it on every process. Returns the method's output and whether the step was finite."""
+    it on every process. Returns the method's output and whether the step was finite (always True when the guard
+    decides on the device: the step then moves nothing if it was not, and the guard steps the scheduler once it
+    knows). No value is read on the host here."""
     accelerator, state = run.accelerator, run.state
     finite = True
     with accelerator.accumulate(run.model):
@@ -42,7 +44,8 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[StepOutput, bo
             finite = run.guard.step_is_finite(result.loss, run.model.parameters(), state.step)
         if finite:
             run.optimizer.step()
-            run.scheduler.step()
+            if not (accelerator.sync_gradients and run.guard.deferred):
+                run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     return result, finite
 
@@ -53,6 +56,8 @@ def train(cfg: Config, accelerator: Any = None) -> RunResult:
     run = set_up_run(cfg, accelerator)
     state, accelerator = run.state, run.accelerator
     log = RunLog(accelerator, cfg, run.total_steps, state)
+    if run.method.steps_optimizer:  # MAT updates the parameters itself: its guard keeps reading the loss
+        run.guard.bind(run.selective, run.scheduler, state)
     run.model.train()
     with PreemptionHandler(accelerator) as preemption:
         while state.step < run.total_steps:
@@ -66,19 +71,24 @@ def train(cfg: Config, accelerator: Any = None) -> RunResult:
                 run.guard.record(finite, state, state.step)
                 state.step += 1
                 run.averager.after_step(state.step)
+                if log.logs_at(state.step) or state.step >= run.total_steps:
+                    run.guard.settle()  # the LR and the skipped-step counts this step's log reports
                 log.step(state, {**result.logs, **mask_logs(run)}, run.scheduler.get_last_lr()[0])
                 if state.step >= run.total_steps:
                     break
                 # The last step goes on to the final evaluation and save, even when a signal came.
                 if preemption.requested(state.step):
+                    run.guard.settle()
                     log.flush(state)
                     raise Preempted(str(run.checkpoints.save(state)), state.step)
                 if run.checkpoints.due(state, run.total_steps):
+                    run.guard.settle()
                     log.flush(state)
                     run.checkpoints.save(state)
             state.epoch += 1
             if cfg.train.eval_every_epoch or state.step >= run.total_steps:
                 log.evaluation(state, evaluate_run(run))
+    run.guard.settle()
     log.close(state)
     return finish(run, log)
 
@@ -90,10 +100,11 @@ def evaluate_run(run: Run) -> dict[str, float]:
         return evaluate(run.accelerator, run.model, run.eval_loader, run.task, run.extra_loaders)
 
 
-def mask_logs(run: Run) -> dict[str, float]:
-    """The share of covered coordinates the last step's gradient mask kept (nothing without a mask)."""
+def mask_logs(run: Run) -> dict[str, float | torch.Tensor]:
+    """The share of covered coordinates the last step's gradient mask kept (nothing without a mask; a 0-dim tensor
+    where it was counted on the device, read only when logged)."""
     stats = run.selective.last_mask_stats
-    return {} if stats is None else {"mask_kept_fraction": stats.keep_fraction}
+    return {} if stats is None else {"mask_kept_fraction": stats.lazy_keep_fraction}
 
 
 def finish(run: Run, log: RunLog) -> RunResult:

@@ -166,9 +166,10 @@ def _drop_rows(context: _ChunkContext, x: torch.Tensor, rates: tuple[float, ...]
         uniform = keyed_uniform(mix_key(context.key, call_index), context.row_keys, tuple(x.shape[1:]))
     broadcast = (batch,) + (1,) * (x.dim() - 1)
     rows_per_chunk = batch // len(rates)
-    rate = torch.tensor(rates, device=x.device).repeat_interleave(rows_per_chunk).view(broadcast)
-    scale = torch.tensor([1.0 / (1.0 - r) for r in rates], device=x.device, dtype=x.dtype)
-    scale = scale.repeat_interleave(rows_per_chunk).view(broadcast)
+    # Filled on the device (torch.tensor(rates, device=...) would copy from the host and wait for the copy).
+    rate = torch.cat([torch.full((rows_per_chunk,), r, device=x.device) for r in rates]).view(broadcast)
+    scale = torch.cat([torch.full((rows_per_chunk,), 1.0 / (1.0 - r), device=x.device, dtype=x.dtype) for r in rates])
+    scale = scale.view(broadcast)
     return torch.where(uniform >= rate, x * scale, 0.0)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from uegr_dist.backward.host import DeferredValue, host_values
 from uegr_dist.rng import mix_key
 
 MODES = ("fixed", "redraw", "adaptive")
@@ -18,7 +19,10 @@ class DropoutRateSchedule:
     """K dropout rates per step; "redraw" and "adaptive" depend only on (seed, step, shift), so every process agrees.
 
     "adaptive" shifts the range [p_min, p_max] by s, and `update(js)` moves s by gain * (target_js - js): more dropout
-    while the sub-models agree more than the target, less while they disagree more.
+    while the sub-models agree more than the target, less while they disagree more. `observe(js)` takes the
+    measurement as a (device) tensor instead and applies it at the next `rates` (or `state_dict`) call, by which time
+    its copy to the host has arrived: the same shifts as `update` right away, without reading a device value in the
+    step that measured it.
     """
 
     def __init__(
@@ -49,9 +53,11 @@ class DropoutRateSchedule:
         self.gain = float(gain)
         self.seed = int(seed)
         self.shift = 0.0
+        self._pending: DeferredValue | None = None
 
     def rates(self, step: int) -> list[float]:
         """The K rates (Python floats in [0, MAX_RATE]) for optimizer step `step`."""
+        self._apply_pending()
         low = _clamp_rate(self.p_min + self.shift)
         high = _clamp_rate(self.p_max + self.shift)
         if self.mode == "fixed":
@@ -59,7 +65,7 @@ class DropoutRateSchedule:
                 return [(low + high) / 2.0]
             return [low + (high - low) * i / (self.k - 1) for i in range(self.k)]
         generator = torch.Generator().manual_seed(mix_key(self.seed, step))
-        draws = torch.rand(self.k, generator=generator, dtype=torch.float64).tolist()
+        draws = host_values(torch.rand(self.k, generator=generator, dtype=torch.float64))  # a CPU generator
         return [low + (high - low) * u for u in draws]
 
     def update(self, measured_js: float) -> None:
@@ -71,12 +77,25 @@ class DropoutRateSchedule:
         # Beyond +-MAX_RATE the whole range is clamped anyway; bounding s stops it winding up without limit.
         self.shift = min(MAX_RATE, max(-MAX_RATE, self.shift + self.gain * (self.target_js - measured_js)))
 
+    def observe(self, measured_js: torch.Tensor) -> None:
+        """`update` with a tensor (the all-process mean JS, 0-dim, on any device), applied at the next `rates` or
+        `state_dict` call; its value travels to the host meanwhile (no wait in the step that measured it)."""
+        self._apply_pending()
+        self._pending = DeferredValue(measured_js.detach().reshape(()))
+
+    def _apply_pending(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.update(float(pending.get()))
+
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint must carry (the adaptive shift)."""
+        """What a checkpoint must carry (the adaptive shift, with any observed measurement applied)."""
+        self._apply_pending()
         return {"shift": self.shift}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`."""
+        self._pending = None
         self.shift = float(state["shift"])
 
 

@@ -155,7 +155,7 @@ class ASA(Method):
             divergence = 0.5 * symmetric_kl(clean, adversarial).mean()
         budget = torch.stack(budgets).mean()
         loss = task + divergence + self.tau**2 * budget
-        logs = {"task_loss": task.item(), "asa_kl": divergence.item(), "asa_masked_per_query": budget.item()}
+        logs = {"task_loss": task.detach(), "asa_kl": divergence.detach(), "asa_masked_per_query": budget.detach()}
         return StepOutput(loss, clean.detach(), logs)
 
     def teardown(self) -> None:

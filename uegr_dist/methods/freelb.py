@@ -117,9 +117,9 @@ class FreeLB(Method):
             if t + 1 < opts.steps:
                 (grad,) = torch.autograd.grad(loss_t, delta, retain_graph=True)
                 delta = freelb_ascent(delta.detach(), grad, opts.adv_lr, opts.max_norm, opts.norm)
-                norms.append(delta.flatten(1).float().norm(dim=1).mean().item())
+                norms.append(delta.flatten(1).float().norm(dim=1).mean().detach())
         assert first_logits is not None
-        logs = {"task_loss": total.item(), "delta_norm": norms[-1] if norms else 0.0}
+        logs = {"task_loss": total.detach(), "delta_norm": norms[-1] if norms else 0.0}
         return StepOutput(total, first_logits, logs)
 
     def teardown(self) -> None:

@@ -90,7 +90,7 @@ class HyPe(Method):
         finally:
             self._draw = None
         loss = task_loss(logits, batch["labels"])
-        return StepOutput(loss, logits.detach(), {"task_loss": loss.item()})
+        return StepOutput(loss, logits.detach(), {"task_loss": loss.detach()})
 
     def teardown(self) -> None:
         """Remove the hooks: the model is the plain network again."""

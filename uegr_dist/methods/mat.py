@@ -173,4 +173,4 @@ class MAT(Vanilla):
             if self.master is not None:
                 self.master.write(start)
         assert first_loss is not None
-        return StepOutput(first_loss, first_logits, {"task_loss": first_loss.item()})
+        return StepOutput(first_loss, first_logits, {"task_loss": first_loss.detach()})

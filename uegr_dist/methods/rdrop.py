@@ -57,7 +57,7 @@ class RDrop(Method):
         task = 0.5 * (task_loss(first, labels) + task_loss(second, labels))
         disagreement = pair_disagreement(first, second).mean()
         loss = task + self.alpha * disagreement
-        logs = {"task_loss": task.item(), "rdrop_kl": disagreement.item()}
+        logs = {"task_loss": task.detach(), "rdrop_kl": disagreement.detach()}
         return StepOutput(loss, first.detach(), logs)
 
     def teardown(self) -> None:

@@ -150,5 +150,5 @@ class SAM(Vanilla):
         finally:
             self._restore()
         loss = torch.stack(first_losses).sum()
-        logs = {**first.logs, "task_loss": loss.item(), "sam_loss": second.loss.item()}
+        logs = {**first.logs, "task_loss": loss.detach(), "sam_loss": second.loss.detach()}
         return StepOutput(loss, torch.cat(logits), logs)

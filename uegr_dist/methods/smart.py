@@ -130,7 +130,7 @@ class SMART(Method):
         logits = clean_net(inputs_embeds=embeds, **extra).logits
         task = task_loss(logits, labels)
         loss = task
-        logs = {"task_loss": task.item()}
+        logs = {"task_loss": task.detach()}
 
         if opts.weight > 0:
             key = mix_key(self.ctx.seed, micro_step, _NOISE_STREAM)
@@ -148,14 +148,14 @@ class SMART(Method):
             adv_logits = model(inputs_embeds=embeds + delta.detach().to(embeds.dtype), **extra).logits
             regularizer = smoothness(logits, adv_logits)
             loss = loss + opts.weight * regularizer
-            logs["smoothness"] = regularizer.item()
+            logs["smoothness"] = regularizer.detach()
 
         if opts.bregman_mu > 0:
             self._update_teacher(step)
             teacher = self._teacher_logits(batch)
             proximal = smoothness(logits, teacher) if logits.shape[-1] == 1 else symmetric_kl(teacher, logits).mean()
             loss = loss + opts.bregman_mu * proximal
-            logs["bregman"] = proximal.item()
+            logs["bregman"] = proximal.detach()
         return StepOutput(loss, logits.detach(), logs)
 
     def state_dict(self) -> dict[str, Any]:

@@ -125,13 +125,13 @@ class UEGR(Method):
         adv_loss = torch.stack([task_loss(logits[i], labels) for i in range(1, n)]).mean()
         agreement = consistency(logits[1:])
         loss = clean_loss + cfg.alpha * adv_loss + cfg.beta * agreement
-        measured = agreement.item()
         if cfg.dropout.schedule == "adaptive":
-            self.schedule.update(float(self.ctx.backend.reduce_mean(agreement)))
+            # Applied to the next step's rates; read on the host then, not now (no synchronization here).
+            self.schedule.observe(self.ctx.backend.reduce_mean(agreement.detach()))
         logs = {
-            "task_loss": clean_loss.item(),
-            "adv_loss": adv_loss.item(),
-            "consistency": measured,
+            "task_loss": clean_loss.detach(),
+            "adv_loss": adv_loss.detach(),
+            "consistency": agreement.detach(),
             "rate_mean": sum(rates) / len(rates),
         }
         return StepOutput(loss, logits[0].detach(), logs)
