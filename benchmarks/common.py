@@ -327,3 +327,24 @@ def flops_per_token(shape: dict[str, int], seq: int, backward: bool = True) -> f
     if backward:
         return 6.0 * n + 12.0 * layers * hidden * seq
     return 2.0 * n + 4.0 * layers * hidden * seq
+
+
+def module_at_revision(revision: str, path: str, name: str) -> Any:
+    """The Python module at `path` (relative to the repository root) as it was at git `revision`, imported under
+    `name` (its own imports resolve to the working tree's package): a "before" variant measured side by side with
+    the working tree's code in one process."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{revision}:{path}"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    module.__file__ = f"{revision}:{path}"
+    sys.modules[name] = module  # dataclasses look their module up while the source runs
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module

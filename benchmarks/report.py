@@ -82,7 +82,24 @@ def render_throughput(result: dict[str, Any]) -> str:
             f"| {_fmt(r.get('stacked_speedup'), 2)} | {_fmt(None if mask is None else 100 * mask, 1)} "
             f"| {_fmt(r.get('uegr_over_naive_speedup'), 2)} | {_fmt(r.get('vanilla_over_plain'), 3)} |"
         )
+    if any("vanilla_over_floor" in r or "vanilla_mfu" in r for r in result["ratios"]):
+        lines += [
+            "",
+            "| config | K | S | B | floor MFU | plain MFU | vanilla MFU (≥ 35 %) "
+            "| UEGR utilisation, K+1+T passes (≥ 30 %) | plain / floor | vanilla / floor |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["ratios"]:
+            percent = {key: None if r.get(key) is None else 100 * r[key] for key in _MFU_KEYS}
+            lines.append(
+                f"| {r['config']} | {r['k']} | {r['seq']} | {r['batch']} "
+                + " ".join(f"| {_fmt(percent[key], 1)}" for key in _MFU_KEYS)
+                + f" | {_fmt(r.get('plain_over_floor'), 3)} | {_fmt(r.get('vanilla_over_floor'), 3)} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+_MFU_KEYS = ("floor_mfu", "plain_mfu", "vanilla_mfu", "uegr_utilisation")
 
 
 def render_scaling(result: dict[str, Any]) -> str:

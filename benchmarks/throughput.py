@@ -10,6 +10,8 @@ noise hits them alike). Variants:
 
 - `plain-accelerate`: vanilla fine-tuning written as accelerate's NLP example (forward, `accelerator.backward`,
   clip, AdamW, scheduler), the floor for what our loop costs;
+- `floor` (with `--floor`): the least a vanilla step can do: forward, backward, a fused AdamW step (`fused=True`),
+  `zero_grad(set_to_none=True)`; no clipping, no scheduler, no accelerate wrapper around the optimizer;
 - every name in `--methods` (default vanilla, uegr; any method of `uegr_dist.config.registry` joins by name):
   the real `uegr_dist.engine.train_loop.train()`;
 - `naive-uegr` (when uegr is benchmarked): benchmarks/naive_uegr.py, K + 1 sequential forwards, a Python-loop
@@ -60,6 +62,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -87,7 +90,7 @@ from uegr_dist.engine import train_loop
 from uegr_dist.methods import Method, model_inputs
 from uegr_dist.modeling import load_model
 
-PLAIN, NAIVE = "plain-accelerate", "naive-uegr"
+PLAIN, NAIVE, FLOOR = "plain-accelerate", "naive-uegr", "floor"
 STAGES = ("adversary", "forward", "backward", "saliency_mask", "optimizer", "communication", "other")
 README = Path(__file__).resolve().parent / "README.md"
 _COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "all_gather_into_tensor", "all_gather")
@@ -309,6 +312,28 @@ def plain_accelerate_run(cfg: Config, timer: StageTimer, device: str) -> dict[st
     return shape
 
 
+def floor_run(cfg: Config, timer: StageTimer, device: str) -> None:
+    """The least a vanilla step does: forward, backward, fused AdamW, zero_grad (no clipping, no scheduler)."""
+    _, model, loader = _task_and_model(cfg)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    model, loader = accelerator.prepare(model, loader)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
+    _wrap(optimizer, "step", timer, "optimizer")
+    model.train()
+    for step, batch in enumerate(loader):
+        if step == cfg.train.max_steps - 1:
+            break  # the loop's last iteration only marks the end of the one before (see the final start_step)
+        timer.start_step()
+        with timer("objective"), accelerator.autocast():
+            loss = F.cross_entropy(model(**model_inputs(batch)).logits.float(), batch["labels"])
+        with timer("backward"):
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    timer.start_step()
+    accelerator.end_training()
+
+
 def naive_uegr_run(cfg: Config, timer: StageTimer, device: str) -> None:
     """The naive reference UEGR (benchmarks/naive_uegr.py) on the same data and weights."""
     _, model, loader = _task_and_model(cfg)
@@ -354,7 +379,7 @@ def _release_freed_memory() -> None:
 def step_flops(variant: str, shape: dict[str, int], k: int, adversary_steps: int, batch: int, seq: int) -> float | None:
     """Model FLOPs of one optimizer step (None for a method whose passes this benchmark does not know)."""
     per_pass = batch * seq * flops_per_token(shape, seq)
-    if variant in (PLAIN, "vanilla"):
+    if variant in (PLAIN, "vanilla", FLOOR):
         return per_pass
     if variant in ("uegr", NAIVE):
         # The adversary runs a forward (1/3) and an input-only backward (another 1/3, no weight gradients).
@@ -390,7 +415,8 @@ def measure(
     args: argparse.Namespace, preset: str, k: int, seq: int, batch: int, root: Path, progress: tqdm
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows (one per variant) and ratios for one point of the grid."""
-    variants = [PLAIN, *args.methods] + ([NAIVE] if "uegr" in args.methods and not args.no_naive else [])
+    variants = [FLOOR] * args.floor + [PLAIN, *args.methods]
+    variants += [NAIVE] if "uegr" in args.methods and not args.no_naive else []
     method_section = {
         "dropout": {"k": k},
         "adversary": {"steps": args.adversary_steps},
@@ -403,7 +429,7 @@ def measure(
     # With --profile, one more round under torch.profiler, left out of the measurements.
     for round_index in range(args.rounds + int(args.profile)):
         for variant in variants:
-            name = "uegr" if variant == NAIVE else ("vanilla" if variant == PLAIN else variant)
+            name = "uegr" if variant == NAIVE else ("vanilla" if variant in (PLAIN, FLOOR) else variant)
             cfg_dict = run_config(
                 root / f"{preset}-{k}-{seq}-{batch}-{variant}-{round_index}",
                 preset,
@@ -420,6 +446,8 @@ def measure(
             with PeakMemory(args.device) as peak, _profiler(profile, args.device) as profiler:
                 if variant == PLAIN:
                     shape = plain_accelerate_run(cfg, timer, args.device)
+                elif variant == FLOOR:
+                    floor_run(cfg, timer, args.device)
                 elif variant == NAIVE:
                     naive_uegr_run(cfg, timer, args.device)
                 else:
@@ -455,10 +483,12 @@ def measure(
                 "step_records": records[variant],
             }
         )
-    return rows, ratios(rows, k, args.adversary_steps)
+    return rows, ratios(rows, k, args.adversary_steps, args.peak_tflops)
 
 
-def ratios(rows: Sequence[dict[str, Any]], k: int, adversary_steps: int) -> dict[str, Any]:
+def ratios(
+    rows: Sequence[dict[str, Any]], k: int, adversary_steps: int, peak_tflops: float | None = None
+) -> dict[str, Any]:
     """The targets' ratios for one grid point (None where a variant was not run)."""
     by = {row["variant"]: row for row in rows}
     first = rows[0]
@@ -473,6 +503,18 @@ def ratios(rows: Sequence[dict[str, Any]], k: int, adversary_steps: int) -> dict
         out["uegr_over_floor"] = uegr["step_s"] / ((k + 1 + adversary_steps) * vanilla["step_s"])
     if uegr:
         out["mask_fraction"] = uegr["stages_s"]["saliency_mask"] / uegr["step_s"]
+    floor = get(FLOOR)
+    if floor and vanilla:
+        out["vanilla_over_floor"] = vanilla["step_s"] / floor["step_s"]
+    if floor and plain:
+        out["plain_over_floor"] = plain["step_s"] / floor["step_s"]
+    if peak_tflops:
+        # Model FLOP utilisation against the device's dense peak (UEGR counting its K + 1 + T passes).
+        for variant, key in ((FLOOR, "floor_mfu"), (PLAIN, "plain_mfu"), ("vanilla", "vanilla_mfu")):
+            if get(variant) and get(variant)["tflops"]:
+                out[key] = get(variant)["tflops"] / peak_tflops
+        if uegr and uegr["tflops"]:
+            out["uegr_utilisation"] = uegr["tflops"] / peak_tflops
     if uegr and naive:
         out["uegr_over_naive_speedup"] = naive["step_s"] / uegr["step_s"]
         ours = uegr["stages_s"]["forward"] + uegr["stages_s"]["backward"]
@@ -501,6 +543,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (mixed precision)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive reference")
+    parser.add_argument("--floor", action="store_true", help="add the floor variant (fused AdamW, nothing else)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="the device's dense peak (bf16 H100/H200 SXM: 989) for MFU"
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="cpu", help="output names: throughput_<tag>.{json,csv,md,png}")
     parser.add_argument("--update-readme", action="store_true", help="put the table into benchmarks/README.md")
@@ -536,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     command = "python -m benchmarks.throughput " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     grid = list(itertools.product(args.configs, args.k, args.seq, args.batch))
-    variants = 1 + len(args.methods) + ("uegr" in args.methods and not args.no_naive)
+    variants = 1 + args.floor + len(args.methods) + ("uegr" in args.methods and not args.no_naive)
     rows: list[dict[str, Any]] = []
     all_ratios = []
     with (

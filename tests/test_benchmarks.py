@@ -6,6 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,8 @@ from tests.conftest import method_context, tiny_dropout_free_model
 from uegr_dist.backward import SelectiveAdamW
 from uegr_dist.config import load_config
 from uegr_dist.methods.uegr import UEGR
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -195,12 +201,37 @@ def test_stage_breakdown_of_loop_and_naive_records():
 
 
 def test_optimizer_step_benchmark_writes_its_record(tmp_path):
-    """`python -m benchmarks.optimizer_step` on the tiny preset: the three variants timed, ratios to torch AdamW."""
+    """`python -m benchmarks.optimizer_step` on the tiny preset: every variant timed (and MaskedAdamW at a git
+    revision, side by side), ratios to torch AdamW."""
     from benchmarks import optimizer_step
 
-    out = optimizer_step.main(["--config", "tiny", "--steps", "1", "--threads", "1", "--out-dir", str(tmp_path)])
-    record = json.loads(out.read_text())
-    assert set(record["rows"]) == {"torch-adamw", "masked-adamw-unmasked", "masked-adamw-masked"}
+    argv = ["--config", "tiny", "--steps", "1", "--threads", "1", "--before", "HEAD", "--out-dir", str(tmp_path)]
+    record = json.loads(optimizer_step.main(argv).read_text())
+    mine = ["unmasked", "unmasked-gated", "masked", "masked-float", "masked-float-gated"]
+    assert set(record["rows"]) == {
+        "torch-adamw",
+        *(f"masked-adamw-{name}" for name in mine),
+        "before-HEAD-unmasked",
+        "before-HEAD-masked",
+    }
     assert record["rows"]["torch-adamw"]["vs_torch_adamw"] == 1.0
     assert all(row["median_s"] > 0 for row in record["rows"].values())
     assert record["parameters"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """`bash benchmarks/gpu_check.sh --dry-run`: every default section's command, shrunk to tiny sizes on the CPU."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sync = json.loads((tmp_path / "sync_check_cpu.json").read_text())
+    assert all(result["ok"] for result in sync["results"].values())
+    bench = json.loads((tmp_path / "throughput_cpu.json").read_text())
+    assert {row["variant"] for row in bench["rows"]} == {"floor", "plain-accelerate", "vanilla", "uegr"}
+    ratios = bench["ratios"][0]
+    assert {"vanilla_over_floor", "vanilla_mfu", "uegr_utilisation", "mask_fraction"} <= set(ratios)
+    assert json.loads((tmp_path / "stacked_forward_b4.json").read_text())["sequential_over_stacked"] > 0
+    assert "== done" in done.stdout

@@ -290,8 +290,8 @@ def test_smart_bregman_teacher_is_the_ema_and_survives_state_dict():
     assert restored.teacher_step == 2
     for name, value in state["teacher"].items():
         torch.testing.assert_close(restored.teacher[name], value)
-    a = method.loss(model, batch, 2, 9).logs["bregman"]
-    b = restored.loss(model, batch, 2, 9).logs["bregman"]
+    a = float(method.loss(model, batch, 2, 9).logs["bregman"])
+    b = float(restored.loss(model, batch, 2, 9).logs["bregman"])
     assert a == pytest.approx(b, rel=1e-6) and a > 0
 
 

@@ -58,18 +58,26 @@ class SaliencyScorer:
         missing = [views[i] for i, grad in enumerate(grads) if grad is None]
         if missing:
             torch._foreach_zero_(missing)
+        squared = False
         if present:
             targets = [views[i] for i in present]
             present_grads = [grads[i] for i in present]
-            if self.kind == "taylor":
-                torch._foreach_copy_(targets, [params[i] for i in present])
+            factors = [params[i] for i in present] if self.kind == "taylor" else present_grads
+            if flat.device.type == "cpu" and all(t.dtype == flat.dtype for t in factors + present_grads):
+                # One pass per tensor into the buffer (the same products as copy-then-multiply, bit for bit).
+                for target, factor, grad in zip(targets, factors, present_grads):
+                    torch.mul(factor, grad, out=target)
+                squared = self.kind != "taylor"
+            elif self.kind == "taylor":
+                torch._foreach_copy_(targets, factors)
                 torch._foreach_mul_(targets, present_grads)
             else:
                 torch._foreach_copy_(targets, present_grads)
         # The views tile `flat`, so the element-wise rest is one op over the whole buffer.
         if self.kind == "taylor":
             return flat.abs_()
-        flat.square_()
+        if not squared:
+            flat.square_()
         if self.kind == "grad_sq":
             return flat
         if self.ema is None:
