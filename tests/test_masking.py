@@ -359,10 +359,13 @@ class ThreadGroup:
 @pytest.mark.parametrize(
     ("scope", "saliency"), [("global", "taylor"), ("per_layer", "grad_sq"), ("per_tensor", "fisher_ema")]
 )
-def test_split_masking_equals_one_process(scope: str, saliency: str, world: int, packed: bool) -> None:
+def test_split_masking_equals_one_process(scope: str, saliency: str, world: int, packed: bool, monkeypatch) -> None:
     """DDP's split masker (each process scores and selects 1 / N of the coordinates, kept sets all-gathered) leaves
     every process with exactly the one-process masker's masked gradients and update masks, step after step (the
-    fisher_ema state lives per slice); heavy ties cut across the slices."""
+    fisher_ema state lives per slice); heavy ties cut across the slices; bits packed a few words at a time."""
+    import uegr_dist.backward.masking as module
+
+    monkeypatch.setattr(module, "_PACK_CHUNK", 3)
     options = MaskOptions(ratio=0.3, scope=scope, saliency=saliency)
     single_named = toy_params()
     single = GradientMasker(single_named, options)

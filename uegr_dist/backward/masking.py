@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import math
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 SCOPES = ("global", "per_layer", "per_tensor")
 MASK_KINDS = ("hard", "soft")
+_LITTLE_ENDIAN = sys.byteorder == "little"
 _LAYER = re.compile(r"(?:^|\.)layers?\.\d+(?=\.)")
 _SOFT_MASK_STREAM = 0x6D61736B  # keeps the soft mask's numbers apart from other users of the same seed and step
 
@@ -413,6 +415,8 @@ class GradientMasker:
             self.score_views = list(self.scores.split([n for _, _, n in self._pieces]))
         # The fast path's keep mask, 0 / 1 floats over the whole buffer (under split: the gathered slices, padded).
         self._keep: torch.Tensor | None = None
+        self._local: torch.Tensor | None = None
+        self._pack_scratch: list[torch.Tensor] | None = None
         self._width = width
         self._mask: torch.Tensor | None = None
         self.last_stats: MaskStats | None = None
@@ -427,6 +431,12 @@ class GradientMasker:
             views.append(flat[start : start + param.numel()].view(param.shape))
             start += param.numel()
         return views
+
+    def _local_keep(self) -> torch.Tensor:
+        """Under split: this process's slice of the keep mask as bytes [width] (0 past the end), kept across steps."""
+        if self._local is None:
+            self._local = torch.zeros(self._width, dtype=torch.uint8, device=self.device)
+        return self._local
 
     def _keep_buffer(self) -> torch.Tensor:
         """The fast path's float keep buffer (allocated once; [world * width] under split)."""
@@ -464,10 +474,12 @@ class GradientMasker:
                 world=1 if split is None else split.world,
                 fixed_shapes=self.fixed_shapes,
                 validate=validate,
-                out=keep[: self.total] if split is None else keep[self.lo : self.lo + self.hi - self.lo],
+                out=keep[: self.total] if split is None else self._local_keep()[: self.hi - self.lo],
             )
             if split is not None:
-                _gather_keep(keep, self._width, split)
+                if self._pack_scratch is None:
+                    self._pack_scratch = [torch.empty(_PACK_CHUNK, dtype=torch.int64, device=self.device) for _ in "ab"]
+                _gather_keep(keep, self._local_keep(), split, self._pack_scratch)
             self._mask = keep[: self.total]
             factors = self._views(self._mask)
             present = [(grad, factor) for grad, factor in zip(grads, factors) if grad is not None]
@@ -521,17 +533,44 @@ class GradientMasker:
         self.scorer.load_state_dict(state["saliency"])
 
 
-def _gather_keep(keep: torch.Tensor, width: int, split: SplitMasking) -> None:
-    """All-gather every process's slice keep[r * width : (r + 1) * width] (0 / 1 floats) into all of `keep`."""
-    local = keep[split.rank * width : (split.rank + 1) * width]
-    if not split.packed:
+_PACK_CHUNK = 1 << 20
+"""Words (8 keep bytes each) packed or unpacked at a time, in two scratch buffers kept by the masker."""
+
+
+def _gather_keep(keep: torch.Tensor, local: torch.Tensor, split: SplitMasking, scratch: list[torch.Tensor]) -> None:
+    """All-gather every process's slice of the keep mask (`local`: 0 / 1 bytes [width]) into all of `keep` (0 / 1
+    floats [world * width]): as bits (8 per byte, packed and unpacked with shifts on int64 words, in `scratch`: two
+    int64 buffers) or as bytes."""
+    width = local.numel()
+    if not (split.packed and _LITTLE_ENDIAN):
         gathered = torch.empty(split.world * width, dtype=torch.uint8, device=keep.device)
-        split.all_gather(gathered, local.to(torch.uint8))
+        split.all_gather(gathered, local)
         keep.copy_(gathered)
         return
-    weights = torch.pow(2, torch.arange(8, device=keep.device))  # built on the device: no copy from the host
-    packed = (local.view(-1, 8) * weights.to(keep.dtype)).sum(1).to(torch.uint8)
+    words = local.view(torch.int64)
+    packed = torch.empty(words.numel(), dtype=torch.uint8, device=keep.device)
+    a, b = scratch
+    for c in range(0, words.numel(), _PACK_CHUNK):
+        word, x, t = (
+            words[c : c + _PACK_CHUNK],
+            a[: min(_PACK_CHUNK, words.numel() - c)],
+            b[: min(_PACK_CHUNK, words.numel() - c)],
+        )
+        # The 8 bytes b0..b7 (0 / 1) of a word into one byte b0 + 2 b1 + ... + 128 b7.
+        torch.bitwise_right_shift(word, 7, out=t)
+        torch.bitwise_or(word, t, out=x)
+        for shift in (14, 28):
+            torch.bitwise_right_shift(x, shift, out=t)
+            x.bitwise_or_(t)
+        packed[c : c + x.numel()].copy_(x.bitwise_and_(0xFF))
     gathered = torch.empty(split.world * packed.numel(), dtype=torch.uint8, device=keep.device)
     split.all_gather(gathered, packed)
-    bits = gathered[:, None].bitwise_and(weights.to(torch.uint8)).ne_(0)
-    keep.view(-1, 8).copy_(bits)
+    for c in range(0, gathered.numel(), _PACK_CHUNK):
+        n = min(_PACK_CHUNK, gathered.numel() - c)
+        x, t = a[:n], b[:n]
+        x.copy_(gathered[c : c + n])
+        # Each byte back into 8 bytes of 0 / 1, byte j holding bit j.
+        for shift, mask in ((28, 0x0000000F0000000F), (14, 0x0003000300030003), (7, 0x0101010101010101)):
+            torch.bitwise_left_shift(x, shift, out=t)
+            x.bitwise_or_(t).bitwise_and_(mask)
+        keep[8 * c : 8 * (c + n)].copy_(x.view(torch.uint8))

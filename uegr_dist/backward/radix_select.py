@@ -560,8 +560,8 @@ def select_top_k_ordered(
         GPU without host synchronization; None picks it for non-CPU tensors. Otherwise (CPU) the elements left after
         the first pass become index lists, which makes the later passes cheap.
     validate: fail on NaN or inf scores (reads one count back: a host synchronization on a GPU).
-    out: a buffer [n] for the keep mask, bool or floating (then 1 = keep, 0 = drop, ready to multiply gradients
-        by); reused across steps, it saves allocating and zeroing one.
+    out: a buffer [n] for the keep mask, bool, or uint8 / floating (then 1 = keep, 0 = drop; floats are ready to
+        multiply gradients by); reused across steps, it saves allocating and zeroing one.
 
     The first pass histograms the top 16 bits of every score (per segment), the second the low 16 bits of the
     scores in the chosen bin; for more than 16 segments the digits narrow (`digit_widths`). Thresholds, counts and
@@ -644,11 +644,11 @@ def select_top_k_ordered(
         keep = torch.zeros(scores.numel(), dtype=torch.bool, device=device)
     else:
         if (
-            not (out.dtype == torch.bool or out.is_floating_point())
+            not (out.dtype in (torch.bool, torch.uint8) or out.is_floating_point())
             or out.shape != scores.shape
             or out.device != device
         ):
-            raise ValueError(f"out must be a bool or floating tensor shaped {tuple(scores.shape)} on {device}")
+            raise ValueError(f"out must be a bool, uint8 or floating tensor shaped {tuple(scores.shape)} on {device}")
         keep = out
         keep[: bounds[0]] = False
         keep[bounds[-1] :] = False
