@@ -672,13 +672,14 @@ def select_top_k_ordered(
 
 
 def _pick_digits(counts: torch.Tensor, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_pick_bins` for [S, bins] counts of any width."""
-    bins = counts.shape[1]
-    cumulative = counts.flip(1).cumsum(1)
-    j = (cumulative < need[:, None]).sum(1).clamp_(max=bins - 1)
-    in_bin = counts.flip(1).gather(1, j[:, None]).squeeze(1)
-    above = cumulative.gather(1, j[:, None]).squeeze(1) - in_bin
-    return (bins - 1) - j, above, in_bin
+    """`_pick_bins` for [S, bins] counts of any width: per segment the digit whose bin holds the need-th largest
+    element (the top digit when need = 0), the count above that bin and the count in it (no flip of the counts)."""
+    cumulative = counts.cumsum(1)
+    above_or_in = cumulative[:, -1:] - cumulative + counts  # elements in this bin or above, per bin (non-increasing)
+    digit = ((above_or_in >= need[:, None]).sum(1) - 1).clamp_(min=0)
+    in_bin = counts.gather(1, digit[:, None]).squeeze(1)
+    above = cumulative[:, -1] - cumulative.gather(1, digit[:, None]).squeeze(1)
+    return digit, above, in_bin
 
 
 def _filter_candidates(
