@@ -7,6 +7,7 @@ from uegr_dist.backward.masking import (
     GradientMasker,
     MaskOptions,
     MaskStats,
+    SplitMasking,
     keep_count,
     segment_names,
 )
@@ -16,6 +17,7 @@ from uegr_dist.backward.radix_select import (
     radix_select_threshold,
     relative_rank,
     select_top_k,
+    select_top_k_ordered,
 )
 from uegr_dist.backward.saliency import SALIENCY_KINDS, SaliencyScorer
 from uegr_dist.backward.selective_adamw import SelectiveAdamW, decay_groups
@@ -32,6 +34,7 @@ __all__ = [
     "RadixThreshold",
     "SaliencyScorer",
     "SelectiveAdamW",
+    "SplitMasking",
     "TopK",
     "ZeroGradientMasker",
     "decay_groups",
@@ -40,4 +43,5 @@ __all__ = [
     "relative_rank",
     "segment_names",
     "select_top_k",
+    "select_top_k_ordered",
 ]

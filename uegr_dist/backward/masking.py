@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
-from uegr_dist.backward.radix_select import AllReduceSum, relative_rank, select_top_k, select_top_k_ordered
+from uegr_dist.backward.radix_select import (
+    DEFAULT_CHUNK,
+    AllReduceSum,
+    relative_rank,
+    select_top_k,
+    select_top_k_ordered,
+)
 from uegr_dist.backward.saliency import SaliencyScorer, check_saliency
 from uegr_dist.rng import keyed_uniform_flat, mix_key
 
@@ -474,6 +480,8 @@ class GradientMasker:
                 world=1 if split is None else split.world,
                 fixed_shapes=self.fixed_shapes,
                 validate=validate,
+                # Bounded temporaries; on a GPU larger chunks mean fewer kernel launches.
+                chunk_size=DEFAULT_CHUNK if self.device.type == "cpu" else 1 << 24,
                 out=keep[: self.total] if split is None else self._local_keep()[: self.hi - self.lo],
             )
             if split is not None:
