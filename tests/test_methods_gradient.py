@@ -460,12 +460,12 @@ def test_awp_advances_the_objectives_state_once_per_step():
     schedule = method.objective.schedule
     alone = copy.deepcopy(schedule)
     measured = []
-    update = schedule.update
-    schedule.update = lambda js: (measured.append(js), update(js))[1]
+    observe = schedule.observe  # the measurement reaches the shift at the next rates() / state_dict()
+    schedule.observe = lambda js: (measured.append(float(js)), observe(js))[1]
     method.forward_backward(OneProcess(), model, BATCH, 0, 0)
     assert len(measured) == 3  # two ascent passes and the pass at w + v
     alone.update(measured[-1])
-    assert schedule.shift == alone.shift != 0.0
+    assert schedule.state_dict()["shift"] == alone.shift != 0.0
 
 
 def test_awp_uses_its_objectives_gradient_mask():

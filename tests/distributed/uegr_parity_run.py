@@ -88,10 +88,10 @@ def record_masks(steps: list[dict], checks: dict[str, bool] | None) -> None:
             }
         )
 
-    def apply_(self: GradientMasker, step: int | None = None):
+    def apply_(self: GradientMasker, step: int | None = None, **options):
         index = self.step if step is None else step
         before(index)
-        stats = original_apply(self, step)
+        stats = original_apply(self, step, **options)
         after(self, index)
         return stats
 

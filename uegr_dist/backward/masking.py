@@ -493,7 +493,8 @@ class GradientMasker:
             present = [(grad, factor) for grad, factor in zip(grads, factors) if grad is not None]
             if present:
                 torch._foreach_mul_([grad for grad, _ in present], [factor for _, factor in present])
-            return MaskStats(self.kept_total, self.total, self.k.numel(), top.thresholds.threshold.nanmean())
+            self.last_stats = MaskStats(self.kept_total, self.total, self.k.numel(), top.thresholds.threshold.nanmean())
+            return self.last_stats
         keep, multiplier, mean_threshold = select_coordinates(self.options, scores, self.layout, self.k, step)
         self._mask = keep
         factors = self._views(keep if multiplier is None else multiplier)

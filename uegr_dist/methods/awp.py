@@ -132,7 +132,7 @@ class AWP(Method):
         finally:
             self._restore()
         assert first is not None
-        return StepOutput(first.loss.detach(), first.logits, {**first.logs, "awp_loss": perturbed.loss.item()})
+        return StepOutput(first.loss.detach(), first.logits, {**first.logs, "awp_loss": perturbed.loss.detach()})
 
     def teardown(self) -> None:
         """The objective's teardown (UEGR's and FreeLB's dropout controllers)."""

@@ -67,9 +67,9 @@ class DeltaSAM(SAM):
         # SAM's machinery with this radius, one shard (the global batch), the plain Euclidean ball.
         self.cfg = SamConfig(rho=cfg.delta_sam.rho)
 
-    def example_weights(self, scores: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def example_weights(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """lambda [B] (float64) = softmax(scores / tau) over the global batch, and max_i lambda_i times the global
-        batch size (1: uniform)."""
+        batch size (1: uniform; a 0-dim tensor)."""
         scaled = scores.detach().double() / self.options.temperature
         backend = self.ctx.backend
         peak = scaled.max().reshape(1)
@@ -79,7 +79,7 @@ class DeltaSAM(SAM):
         totals = torch.stack([unnormalised.sum(), rows])
         backend.all_reduce_sum(totals)  # [sum over the global batch, global batch size]
         weights = unnormalised / totals[0]
-        return weights, float(weights.max() * totals[1])
+        return weights, (weights.max() * totals[1]).detach()  # a 0-dim tensor, read when logged
 
     def ascent_gradients(
         self, accelerator: Any, batch: dict[str, torch.Tensor], step: int, micro_step: int, reduce: bool
@@ -97,5 +97,5 @@ class DeltaSAM(SAM):
         grads = self._gradients((losses * weights.to(losses.dtype)).sum())
         self._average(grads, mean=False)  # each process holds its rows' share of the global weighted sum
         loss = losses.detach().mean()
-        logs = {"task_loss": loss.item(), "weight_max_ratio": spread}
+        logs = {"task_loss": loss, "weight_max_ratio": spread}
         return StepOutput(loss, logits.detach(), logs), grads
