@@ -29,6 +29,11 @@ VARIANTS = {
         {"grad_accum": 2},
         True,
     ),
+    # the flat-minima family: two forwards per step (at w and at the perturbed weights)
+    "sam": ({"name": "sam"}, {}, False),
+    "delta_sam": ({"name": "delta_sam"}, {}, False),
+    "fisher_sam": ({"name": "fisher_sam"}, {}, False),
+    "awp": ({"name": "awp"}, {}, False),
 }
 
 

@@ -102,8 +102,8 @@ class AWP(Method):
         for v_l, g_l, norm, r in zip(v, grads, norms, radius):
             v_l.add_(g_l.to(v_l.dtype) * (r / (norm.to(v_l.dtype) + _EPS)))
             length = v_l.norm()
-            if length > r:
-                v_l.mul_(r / length)
+            # Onto the ball without reading the norm on the host: the factor is exactly 1 inside it.
+            v_l.mul_(torch.where(length > r, r / length, torch.ones_like(length)))
 
     def forward_backward(
         self, accelerator: Any, model: nn.Module, batch: dict[str, torch.Tensor], step: int, micro_step: int

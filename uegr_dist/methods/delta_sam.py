@@ -52,7 +52,9 @@ def logit_gradient_norm(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     logits = at_least_float32(logits.detach())
     if logits.shape[-1] == 1:
         return 2.0 * (logits[:, 0] - labels.to(logits.dtype)).abs()
-    residual = logits.softmax(dim=-1) - F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+    probs = logits.softmax(dim=-1)
+    # one-hot by scatter: F.one_hot checks the labels' range on the host
+    residual = probs - torch.zeros_like(probs).scatter_(-1, labels.unsqueeze(-1), 1.0)
     return residual.norm(dim=-1)
 
 
@@ -75,7 +77,7 @@ class DeltaSAM(SAM):
         peak = scaled.max().reshape(1)
         backend.all_reduce_max(peak)
         unnormalised = torch.exp(scaled - peak)
-        rows = torch.tensor(float(scores.numel()), dtype=torch.float64, device=scaled.device)
+        rows = torch.full((), float(scores.numel()), dtype=torch.float64, device=scaled.device)
         totals = torch.stack([unnormalised.sum(), rows])
         backend.all_reduce_sum(totals)  # [sum over the global batch, global batch size]
         weights = unnormalised / totals[0]

@@ -41,5 +41,5 @@ class FisherSAM(SAM):
         """eps = rho (g / f) / sqrt(sum g^2 / f), f = 1 + eta g^2, the sum over all coordinates."""
         scaled = [g / (1.0 + self.eta * g * g) for g in grads]  # F^-1 g
         quadratic = torch.stack([(g * s).sum() for g, s in zip(grads, scaled)]).sum()  # g^T F^-1 g
-        torch._foreach_mul_(scaled, (self.cfg.rho / (quadratic.sqrt() + 1e-12)).item())
+        torch._foreach_mul_(scaled, self.cfg.rho / (quadratic.sqrt() + 1e-12))  # a 0-dim tensor: no host read
         return scaled

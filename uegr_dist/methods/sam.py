@@ -102,7 +102,7 @@ class SAM(Vanilla):
         else:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             eps = [g.clone() for g in grads]
-        torch._foreach_mul_(eps, (self.cfg.rho / (norm + 1e-12)).item())
+        torch._foreach_mul_(eps, self.cfg.rho / (norm + 1e-12))  # a 0-dim tensor: no host read
         return eps
 
     @torch.no_grad()
