@@ -83,32 +83,10 @@ def search_example(
     """The greedy search on one example, as a generator (see `Search`); its row: status skipped / success / failed,
     adversarial text, queries (model inputs scored, the clean one included), changed words. clean_probs float [C]
     are the model's probabilities on the unmodified example."""
-    field_name = attacked_field(example, target)
-    text = example.text_pair if field_name == "text_pair" else example.text
-    assert text is not None
-    spans = word_spans(text)
-    label = example.label
-    clean_pred = int(clean_probs.argmax())
-    row: dict[str, Any] = {
-        "index": example.index,
-        "text": example.text,
-        "text_pair": example.text_pair,
-        "label": label,
-        "attacked_field": field_name,
-        "clean_prediction": clean_pred,
-        "num_words": len(spans),
-        "queries": 1,
-    }
+    field_name, text, spans, row = _open_row(example, clean_probs, target)
+    label, clean_pred = row["label"], row["clean_prediction"]
     if clean_pred != label:
-        return {
-            **row,
-            "status": "skipped",
-            "adversarial_text": text,
-            "adversarial_prediction": clean_pred,
-            "words_changed": 0,
-            "edit_distance": 0,
-            "changes": [],
-        }
+        return _skipped(row, text)
 
     def inputs(texts: list[str]) -> Inputs:
         """The example with the attacked text replaced by each of `texts`."""
@@ -270,32 +248,10 @@ def greedy_attack(
     The search as it was before `attack_examples` (one example, all candidates of a word in one request, scored in
     forwards of its own): kept unchanged as the reference `attack_examples` is tested and benchmarked against;
     `uegr-eval` does not call it."""
-    field_name = attacked_field(example, target)
-    text = example.text_pair if field_name == "text_pair" else example.text
-    assert text is not None
-    spans = word_spans(text)
-    label = example.label
-    clean_pred = int(clean_probs.argmax())
-    row: dict[str, Any] = {
-        "index": example.index,
-        "text": example.text,
-        "text_pair": example.text_pair,
-        "label": label,
-        "attacked_field": field_name,
-        "clean_prediction": clean_pred,
-        "num_words": len(spans),
-        "queries": 1,
-    }
+    field_name, text, spans, row = _open_row(example, clean_probs, target)
+    label, clean_pred = row["label"], row["clean_prediction"]
     if clean_pred != label:
-        return {
-            **row,
-            "status": "skipped",
-            "adversarial_text": text,
-            "adversarial_prediction": clean_pred,
-            "words_changed": 0,
-            "edit_distance": 0,
-            "changes": [],
-        }
+        return _skipped(row, text)
 
     used = 1
 
@@ -363,4 +319,39 @@ def greedy_attack(
         "words_changed": len(current),
         "edit_distance": sum(edit_distance(c["from"], c["to"]) for c in changes),
         "changes": changes,
+    }
+
+
+def _open_row(
+    example: Example, clean_probs: torch.Tensor, target: str
+) -> tuple[str, str, list[WordSpan], dict[str, Any]]:
+    """The attacked field, its text and word spans, and the start of the example's result row (1 query: the clean
+    one)."""
+    field_name = attacked_field(example, target)
+    text = example.text_pair if field_name == "text_pair" else example.text
+    assert text is not None
+    spans = word_spans(text)
+    row: dict[str, Any] = {
+        "index": example.index,
+        "text": example.text,
+        "text_pair": example.text_pair,
+        "label": example.label,
+        "attacked_field": field_name,
+        "clean_prediction": int(clean_probs.argmax()),
+        "num_words": len(spans),
+        "queries": 1,
+    }
+    return field_name, text, spans, row
+
+
+def _skipped(row: dict[str, Any], text: str) -> dict[str, Any]:
+    """The final row of an example the model already gets wrong: not attacked."""
+    return {
+        **row,
+        "status": "skipped",
+        "adversarial_text": text,
+        "adversarial_prediction": row["clean_prediction"],
+        "words_changed": 0,
+        "edit_distance": 0,
+        "changes": [],
     }
