@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -196,3 +197,26 @@ def run_reaped(command: list[str], *, timeout: float, **kwargs) -> subprocess.Co
             out, err = "", ""
         raise subprocess.TimeoutExpired(command, timeout, out, err) from None
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def run_in_threads(world: int, barrier: threading.Barrier, fn: Callable[[int], object]) -> list:
+    """fn(rank) for rank in range(world), each in its own thread (lockstep shards that meet at `barrier`); the
+    results in rank order. The first error is raised here, after aborting the barrier so no thread waits forever."""
+    results: list = [None] * world
+    errors: list[BaseException] = []
+
+    def target(rank: int) -> None:
+        try:
+            results[rank] = fn(rank)
+        except BaseException as error:  # surfaced in the calling thread below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=target, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tests.conftest import run_in_threads
 from uegr_dist.backward.masking import _SOFT_MASK_STREAM, GradientMasker, MaskOptions, keep_count, segment_names
 from uegr_dist.backward.radix_select import relative_rank
 from uegr_dist.backward.saliency import SaliencyScorer
@@ -333,25 +334,7 @@ class ThreadGroup:
         return SplitMasking(rank, self.world, all_reduce_sum, all_gather, packed)
 
     def run(self, fn):
-        import threading
-
-        results, errors = [None] * self.world, []
-
-        def target(rank: int) -> None:
-            try:
-                results[rank] = fn(rank)
-            except BaseException as error:
-                errors.append(error)
-                self.barrier.abort()
-
-        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(self.world)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
-        return results
+        return run_in_threads(self.world, self.barrier, fn)
 
 
 @pytest.mark.parametrize("packed", [True, False])

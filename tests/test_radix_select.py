@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from tests.conftest import run_in_threads
 from uegr_dist.backward.radix_select import (
     digit_widths,
     radix_select_threshold,
@@ -166,24 +167,7 @@ class Lockstep:
         return reduce
 
     def run(self, fn: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
-        results: list[torch.Tensor | None] = [None] * self.world
-        errors: list[BaseException] = []
-
-        def target(rank: int) -> None:
-            try:
-                results[rank] = fn(rank)
-            except BaseException as error:  # surfaced in the main thread below
-                errors.append(error)
-                self.barrier.abort()
-
-        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(self.world)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
-        return [result for result in results if result is not None]
+        return run_in_threads(self.world, self.barrier, fn)
 
 
 def contiguous_shards(n: int, world: int, gen: torch.Generator) -> list[tuple[int, int]]:
