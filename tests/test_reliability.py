@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,13 @@ from safetensors.torch import load_file
 from tests.conftest import tiny_run_overrides
 from uegr_dist.cli.train import main as cli_main
 from uegr_dist.config import load_config
-from uegr_dist.engine.checkpoint import CheckpointError, list_checkpoints, validate_checkpoint
+from uegr_dist.engine.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    fingerprint,
+    list_checkpoints,
+    validate_checkpoint,
+)
 from uegr_dist.engine.guard import EXIT_NONFINITE, EXIT_PREEMPTED
 from uegr_dist.engine.train_loop import train
 
@@ -254,6 +261,29 @@ def test_checkpoint_of_another_config_is_refused(override, message, easy_task, t
     err = capsys.readouterr().err
     assert "belongs to another run configuration" in err and message in err
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+
+
+def test_checkpoint_from_before_an_option_existed_resumes_at_its_default(easy_task, tmp_path, one_thread, capsys):
+    """A checkpoint written by an older version, whose config lacked options added since (here: the AWP section and
+    data.max_train_samples_seed), resumes when those options are at their defaults, and is refused when one is not."""
+    config = write_config(easy_task, tmp_path, "vanilla", max_steps=4, save_every=2)
+    out = tmp_path / "run"
+    assert cli_main(["--config", str(config)]) == 0
+    for name in ("metrics.json", "model.safetensors"):
+        (out / name).unlink()  # as if the run had been cut off after its step-2 checkpoint
+    shutil.rmtree(out / "checkpoints" / "step-4", ignore_errors=True)
+    manifest_path = out / "checkpoints" / "step-2" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["identity"]["method"]["awp"], manifest["identity"]["data"]["max_train_samples_seed"]
+    manifest["fingerprint"] = fingerprint(manifest["identity"])
+    manifest_path.write_text(json.dumps(manifest))
+    before = manifest_path.read_bytes()
+    assert cli_main(["--config", str(config), "--resume", "auto", "--method.awp.gamma", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "belongs to another run configuration" in err and "method.awp = {" in err
+    assert manifest_path.read_bytes() == before
+    assert cli_main(["--config", str(config), "--resume", "auto"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 4
 
 
 def test_fresh_start_refuses_a_directory_with_checkpoints(easy_task, tmp_path, capsys):

@@ -114,6 +114,21 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if saved == current else [f"{prefix.rstrip('.')} = {current!r} (checkpoint: {saved!r})"]
 
 
+def _fill_defaults(saved: Any, defaults: Any, filled: list[str], prefix: str = "") -> Any:
+    """`saved` with every key of `defaults` it lacks added at its default value (nested dicts); the dotted names of
+    the added keys are appended to `filled`."""
+    if not (isinstance(saved, dict) and isinstance(defaults, dict)):
+        return saved
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+            filled.append(f"{prefix}{key}")
+        else:
+            out[key] = _fill_defaults(out[key], value, filled, f"{prefix}{key}.")
+    return out
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -185,10 +200,20 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def check_identity(manifest: dict[str, Any], path: Path, identity: dict[str, Any]) -> None:
-    """Refuse a checkpoint written by a run with another model, data, method, data order or process count."""
+    """Refuse a checkpoint written by a run with another model, data, method, data order or process count.
+
+    A checkpoint written before a config option existed resumes when that option is at its default (a new option's
+    default keeps the behaviour from before it), e.g. an UEGR run cut off before the flatness methods' sections were
+    added; the filled-in options are logged."""
     if manifest.get("fingerprint") == fingerprint(identity):
         return
-    diffs = _differences(manifest.get("identity", {}), identity)
+    saved = manifest.get("identity", {})
+    filled: list[str] = []
+    completed = _fill_defaults(saved, run_identity(Config(), identity["num_processes"]), filled)
+    if filled and fingerprint(completed) == fingerprint(identity):
+        logger.info("checkpoint %s predates options %s; resuming with their defaults", path, ", ".join(filled))
+        return
+    diffs = _differences(saved, identity)
     raise CheckpointError(
         f"checkpoint {path} belongs to another run configuration; it differs in: {'; '.join(diffs[:6])}"
         + (f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else "")
