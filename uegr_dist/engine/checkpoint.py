@@ -211,7 +211,7 @@ def check_identity(manifest: dict[str, Any], path: Path, identity: dict[str, Any
     filled: list[str] = []
     completed = _fill_defaults(saved, run_identity(Config(), identity["num_processes"]), filled)
     if filled and fingerprint(completed) == fingerprint(identity):
-        logger.info("checkpoint %s predates options %s; resuming with their defaults", path, ", ".join(filled))
+        logger.warning("checkpoint %s predates options %s; resuming with their defaults", path, ", ".join(filled))
         return
     diffs = _differences(saved, identity)
     raise CheckpointError(
