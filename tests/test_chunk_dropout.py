@@ -164,6 +164,57 @@ def test_bert_attention_dropout_is_chunked() -> None:
     assert (both[4:] - clean).abs().max() > 1e-3
 
 
+def test_sdpa_with_per_chunk_rates_is_one_fused_call_per_chunk(monkeypatch) -> None:
+    """With the global RNG, per-chunk attention-dropout rates keep SDPA's fused kernel: the routed attention equals
+    SDPA called on each chunk's rows at its rate, in chunk order, from the same seed (the probabilities are never
+    materialised: the eager path is not taken), padding masks included."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import uegr_dist.forward.chunk_dropout as chunk_dropout
+
+    model = tiny_model("bert", "sdpa", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3)
+    controller = install_chunk_dropout(model)
+    routed = ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation]
+    module = model.bert.encoder.layer[0].attention.self
+    model.train()
+
+    def eager_not_expected(*args, **kwargs):
+        raise AssertionError("per-chunk rates without row keys took the eager attention path")
+
+    monkeypatch.setattr(chunk_dropout, "eager_attention", eager_not_expected)
+    generator = torch.Generator().manual_seed(3)
+    query, key, value = (torch.randn(6, 4, 10, 8, generator=generator) for _ in range(3))
+    mask = torch.ones(6, 1, 10, 10, dtype=torch.bool)
+    mask[1, ..., 7:] = False
+    rates = [0.0, 0.2, 0.6]
+    with controller.chunks(rates):
+        torch.manual_seed(0)
+        got, _ = routed(module, query, key, value, mask, dropout=0.3, scaling=0.35)
+    torch.manual_seed(0)
+    expected = torch.cat(
+        [
+            sdpa_attention_forward(
+                module,
+                query[c * 2 : c * 2 + 2],
+                key[c * 2 : c * 2 + 2],
+                value[c * 2 : c * 2 + 2],
+                mask[c * 2 : c * 2 + 2],
+                dropout=rate,
+                scaling=0.35,
+            )[0]
+            for c, rate in enumerate(rates)
+        ]
+    )
+    assert torch.equal(got, expected)
+    model.eval()
+    clean, _ = sdpa_attention_forward(module, query[:2], key[:2], value[:2], mask[:2], dropout=0.0, scaling=0.35)
+    torch.testing.assert_close(got[:2], clean)  # rate 0: no dropout
+    assert (
+        got[4:] - sdpa_attention_forward(module, query[4:], key[4:], value[4:], mask[4:], scaling=0.35)[0]
+    ).abs().max() > 1e-2
+
+
 def test_eval_mode_inside_context_has_no_dropout() -> None:
     model = tiny_model("bert")
     ids, mask = batch()

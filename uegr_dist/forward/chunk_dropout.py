@@ -211,6 +211,45 @@ def _checked_row_keys(row_keys: torch.Tensor | None) -> torch.Tensor | None:
     return row_keys
 
 
+def _attention_per_chunk(
+    original: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+    module: nn.Module,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    rates: tuple[float, ...],
+    scaling: float | None,
+    kwargs: dict[str, object],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """original(...) on each chunk's rows of q, k, v [B, H, S, d] (and of the mask and of any tensor keyword argument
+    with B rows) at rate rates[c]; outputs [B, S, H, d] (and attention weights, if returned) concatenated."""
+    query, key, value, attention_mask = inputs
+    batch = query.shape[0]
+    rows = batch // len(rates)
+
+    def part(x: object, c: int) -> object:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
+            return x[c * rows : (c + 1) * rows]
+        return x
+
+    outputs, weights = [], []
+    for c, rate in enumerate(rates):
+        chunk_kwargs = {name: part(value_, c) for name, value_ in kwargs.items()}
+        out, weight = original(
+            module,
+            query[c * rows : (c + 1) * rows],
+            key[c * rows : (c + 1) * rows],
+            value[c * rows : (c + 1) * rows],
+            part(attention_mask, c),
+            dropout=rate,
+            scaling=scaling,
+            **chunk_kwargs,
+        )
+        outputs.append(out)
+        weights.append(weight)
+    if any(weight is None for weight in weights):
+        return torch.cat(outputs), None
+    return torch.cat(outputs), torch.cat(weights)
+
+
 def _make_chunked_attention(implementation: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """Attention function applying per-chunk dropout to the probabilities, delegating to the original otherwise."""
 
@@ -236,6 +275,10 @@ def _make_chunked_attention(implementation: str) -> Callable[..., tuple[torch.Te
             return original(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
         if context.row_keys is None and min(rates) == max(rates):
             return original(module, query, key, value, attention_mask, dropout=rates[0], scaling=scaling, **kwargs)
+        if context.row_keys is None and implementation == "sdpa":
+            # Per-row rates would need the probabilities materialised (eager); one fused call per chunk at that
+            # chunk's rate keeps the fused kernel. Global RNG: the chunks draw in order.
+            return _attention_per_chunk(original, module, (query, key, value, attention_mask), rates, scaling, kwargs)
         return eager_attention(
             module,
             query,
