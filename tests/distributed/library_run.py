@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+import shared_group
 import torch
 from accelerate.state import AcceleratorState, PartialState
 
@@ -120,9 +121,7 @@ def main() -> None:
     parser.add_argument("spec")
     args = parser.parse_args()
     spec = json.loads(Path(args.spec).read_text())
-    # train() and the example end with accelerator.end_training(), which destroys the process group that accelerate's
-    # state (a singleton) will not create again: the runs of one launch keep sharing it.
-    PartialState.destroy_process_group = lambda self, group=None: None  # type: ignore[method-assign]
+    shared_group.keep()  # the runs of one launch share one process group
     root = Path(spec["base"]["train"]["output_dir"])
     for run in spec["runs"]:
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -134,6 +133,7 @@ def main() -> None:
             run_example(base, run["method"], out, spec.get("deepspeed"))
         else:
             run_trainer(base, run["method"], out, spec.get("deepspeed"))
+    shared_group.close()
 
 
 if __name__ == "__main__":

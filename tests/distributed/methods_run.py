@@ -15,7 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from accelerate.state import AcceleratorState, PartialState
+import shared_group
+from accelerate.state import AcceleratorState
 
 from uegr_dist.config import load_config
 from uegr_dist.config.loading import merge
@@ -29,9 +30,7 @@ def main() -> None:
     parser.add_argument("report")
     args = parser.parse_args()
     spec = json.loads(Path(args.spec).read_text())
-    # train() ends with accelerator.end_training(), which destroys the process group that accelerate's state (a
-    # singleton) will not create again: the runs of one launch keep sharing it.
-    PartialState.destroy_process_group = lambda self, group=None: None  # type: ignore[method-assign]
+    shared_group.keep()  # the runs of one launch share one process group
     report = {}
     for name, overrides in spec["runs"].items():
         # accelerate's other process-wide state fixes the mixed precision of the first Accelerator: clear it, so
@@ -52,6 +51,7 @@ def main() -> None:
         }
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.report).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    shared_group.close()
 
 
 if __name__ == "__main__":
