@@ -154,17 +154,7 @@ def search_example(
             current_pred = int(probs[best].argmax())
             if current_pred != label:
                 break
-    changes = [{"word": i, "from": spans[i].text, "to": current[i]} for i in sorted(current)]
-    return {
-        **row,
-        "status": "success" if current_pred != label else "failed",
-        "adversarial_text": current_text,
-        "adversarial_prediction": current_pred,
-        "queries": used,
-        "words_changed": len(current),
-        "edit_distance": sum(edit_distance(c["from"], c["to"]) for c in changes),
-        "changes": changes,
-    }
+    return _finished(row, spans, current, current_text, current_pred, used)
 
 
 def attack_examples(
@@ -309,17 +299,7 @@ def greedy_attack(
             current_pred = int(probs[best].argmax())
             if current_pred != label:
                 break
-    changes = [{"word": i, "from": spans[i].text, "to": current[i]} for i in sorted(current)]
-    return {
-        **row,
-        "status": "success" if current_pred != label else "failed",
-        "adversarial_text": current_text,
-        "adversarial_prediction": current_pred,
-        "queries": used,
-        "words_changed": len(current),
-        "edit_distance": sum(edit_distance(c["from"], c["to"]) for c in changes),
-        "changes": changes,
-    }
+    return _finished(row, spans, current, current_text, current_pred, used)
 
 
 def _open_row(
@@ -354,4 +334,26 @@ def _skipped(row: dict[str, Any], text: str) -> dict[str, Any]:
         "words_changed": 0,
         "edit_distance": 0,
         "changes": [],
+    }
+
+
+def _finished(
+    row: dict[str, Any],
+    spans: Sequence[WordSpan],
+    current: dict[int, str],
+    current_text: str,
+    current_pred: int,
+    used: int,
+) -> dict[str, Any]:
+    """The final row of an attacked example: success when the prediction left the label, the words changed."""
+    changes = [{"word": i, "from": spans[i].text, "to": current[i]} for i in sorted(current)]
+    return {
+        **row,
+        "status": "success" if current_pred != row["label"] else "failed",
+        "adversarial_text": current_text,
+        "adversarial_prediction": current_pred,
+        "queries": used,
+        "words_changed": len(current),
+        "edit_distance": sum(edit_distance(c["from"], c["to"]) for c in changes),
+        "changes": changes,
     }
