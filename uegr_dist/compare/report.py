@@ -135,10 +135,7 @@ def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -
             ax.set_ylabel(y_column or "(no robustness evaluation)")
             ax.grid(alpha=0.3)
         fig.suptitle(f"{task}: accuracy vs robustness (mean ± std over seeds)")
-        fig.tight_layout()
-        paths[f"plot_{task}"] = out / f"accuracy_vs_robustness_{task}.png"
-        fig.savefig(paths[f"plot_{task}"], dpi=120)
-        plt.close(fig)
+        paths[f"plot_{task}"] = _save(fig, out / f"accuracy_vs_robustness_{task}.png")
 
         curves = curve_columns([r for r in rows if r["task"] == task])
         if curves:
@@ -159,10 +156,7 @@ def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=8)
             fig.suptitle(f"{task}: PGD curves (mean ± std over seeds)")
-            fig.tight_layout()
-            paths[f"pgd_{task}"] = out / f"pgd_{task}.png"
-            fig.savefig(paths[f"pgd_{task}"], dpi=120)
-            plt.close(fig)
+            paths[f"pgd_{task}"] = _save(fig, out / f"pgd_{task}.png")
 
     methods = list(dict.fromkeys(e["method"] for e in summary))
     wall = [_stats([r["wall_seconds"] for r in rows if r["method"] == m])[0] for m in methods]
@@ -174,8 +168,15 @@ def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_title(f"{label} (relative to {methods[0]})")
         ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    paths["plot_cost"] = out / "cost.png"
-    fig.savefig(paths["plot_cost"], dpi=120)
-    plt.close(fig)
+    paths["plot_cost"] = _save(fig, out / "cost.png")
     return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out, write (120 dpi) and close a figure; its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
