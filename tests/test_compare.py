@@ -81,14 +81,15 @@ def test_suite_runs_end_to_end_and_resumes(tmp_path, easy_task):
 def test_failing_run_is_recorded_and_the_suite_goes_on(tmp_path, easy_task):
     path = _suite(tmp_path, easy_task, seeds=[0])
     suite = yaml.safe_load(path.read_text())
-    suite["tasks"]["broken"] = {"data": {"train_file": str(tmp_path / "missing.jsonl")}}
+    (tmp_path / "broken.jsonl").write_text('{"text": "a b c"}\n')  # exists, but has no label column
+    suite["tasks"]["broken"] = {"data": {"train_file": str(tmp_path / "broken.jsonl")}}
     suite["methods"] = {"vanilla": {"method": {"name": "vanilla"}}}
     path.write_text(yaml.safe_dump(suite))
     assert main(["--suite", str(path), "--no-progress"]) == 1
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["task"] for r in results["runs"]] == ["easy"]
     assert len(results["failed"]) == 1 and "broken/vanilla/seed-0" in results["failed"][0]
-    assert "missing.jsonl: file not found" in results["failed"][0]
+    assert "label" in results["failed"][0]
     assert "broken/vanilla/seed-0" in (tmp_path / "out" / "table.md").read_text()
 
 
@@ -103,6 +104,26 @@ def test_bad_suite_fails_before_any_run_naming_the_run(tmp_path, easy_task):
     path.write_text(yaml.safe_dump({**suite, "sedes": [1]}))
     with pytest.raises(ConfigError, match="unknown key 'sedes'"):
         load_suite(path)
+
+
+def test_missing_model_package_or_data_fails_once_before_any_run(tmp_path, easy_task, capsys):
+    """What would fail every run the same way is found up front: one error per cause, naming the option and the
+    runs, exit 2, nothing trained (not one failed training per run)."""
+    path = _suite(tmp_path, easy_task)
+    suite = yaml.safe_load(path.read_text())
+    suite["base"]["model"] = {"name_or_path": "package:uegr_no_such_package/model"}
+    suite["tasks"]["gone"] = {"data": {"train_file": "missing.jsonl", "validation_file": "val.jsonl"}}
+    path.write_text(yaml.safe_dump(suite))
+    assert main(["--suite", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert "python package 'uegr_no_such_package' is not installed" in err[0] and "(every run)" in err[0]
+    assert f"data.train_file = {tmp_path / 'missing.jsonl'}: no such file or folder" in err[1]
+    named = err[1].rsplit("(", 1)[1].rstrip(")").split(", ")
+    assert sorted(named) == [f"gone/{m}/seed-{s}" for m in ("uegr", "vanilla") for s in (0, 1)]
+    assert not any((tmp_path / "out").rglob("config.yaml"))
+    # --dry-run and --report-only do not need the model or the data.
+    assert main(["--suite", str(path), "--dry-run"]) == 0
 
 
 def test_shard_and_methods_select_runs(tmp_path, easy_task, capsys):

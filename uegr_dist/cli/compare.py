@@ -51,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from uegr_dist.compare import collect, execute, load_suite, write_results
     from uegr_dist.compare.runner import train_finished
+    from uegr_dist.compare.suite import preflight
 
     try:
         suite = load_suite(args.suite, args.output_dir)
@@ -79,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     failed: list[str] = []
     if not args.report_only:
+        problems = preflight(suite, [run for run in mine if not train_finished(run)])
+        if problems:
+            for problem in problems:
+                print(f"uegr-compare: error: {problem}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         outcomes = execute(suite, progress=not args.no_progress, runs=mine)
         counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
         print(f"runs: {counts['done']} done, {counts['skipped']} already finished, {counts['failed']} failed")

