@@ -594,6 +594,22 @@ def test_uegr_no_mask_preset_updates_every_coordinate(easy_task, tmp_path):
     assert masked_logs["mask_kept_fraction"] == pytest.approx(0.3, abs=0.01)
 
 
+def test_uegr_relative_preset_sizes_the_adversary_by_each_example(easy_task, tmp_path):
+    """uegr-relative: the defaults with eps = step_size = 0.05 relative to each example's embedding norm, so every
+    example's delta has at most 5 % of its own norm, and about that (one full step from a 1 % per coordinate start)."""
+    cfg = method_preset("uegr-relative", easy_task, tmp_path)
+    changed = {"adversary": {"relative": True, "eps": 0.05, "step_size": 0.05}}
+    assert cfg.method == load_config(None, {"method": {"name": "uegr", **changed}}).method
+    method, (logs,) = uegr_loss_logs(cfg)
+    assert math.isfinite(logs["loss"]) and logs["mask_kept_fraction"] == pytest.approx(0.3, abs=0.01)
+    batch = make_batch(num_labels=2)
+    embeds = method.embeddings(batch["input_ids"])
+    delta = method._adversarial_delta(batch, embeds, 0, keyed=True)
+    token = batch["attention_mask"].unsqueeze(-1).float()
+    ratio = delta.flatten(1).norm(dim=1) / (embeds.detach() * token).flatten(1).norm(dim=1)
+    assert bool((ratio <= 0.05 * (1 + 1e-5)).all()) and bool((ratio >= 0.045).all()), ratio
+
+
 def test_uegr_fixed_and_adaptive_dropout_presets(easy_task, tmp_path):
     fixed = method_preset("uegr-fixed-dropout", easy_task, tmp_path)
     method, _ = uegr_loss_logs(fixed, steps=3)

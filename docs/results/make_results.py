@@ -89,12 +89,17 @@ def bootstrap_difference(a: np.ndarray, b: np.ndarray, n: int = 10_000, seed: in
     return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def _stats(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std (None for a single seed: there is no spread to show)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
 def _pct(mean: float, std: float | None = None) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def _num(mean: float, std: float | None, digits: int) -> str:
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
 def study_tables(study: Path, task_path: str, advglue: str) -> tuple[str, dict]:
@@ -134,7 +139,7 @@ def study_tables(study: Path, task_path: str, advglue: str) -> tuple[str, dict]:
         agg[m]["samples_per_second"] = {"mean": speed[0], "std": speed[1]}
         agg[m]["train_minutes"] = {"mean": minutes[0], "std": minutes[1]}
         agg[m]["wall_minutes"] = _stats([r["wall_seconds"] / 60 for r in mine])
-        cells += [f"{speed[0]:.1f} ± {speed[1]:.1f}", f"{minutes[0]:.0f} ± {minutes[1]:.0f}"]
+        cells += [_num(*speed, 1), _num(*minutes, 0)]
         lines.append(f"| {m} | {len(mine)} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
 
