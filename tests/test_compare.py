@@ -90,7 +90,12 @@ def test_failing_run_is_recorded_and_the_suite_goes_on(tmp_path, easy_task):
     assert [r["task"] for r in results["runs"]] == ["easy"]
     assert len(results["failed"]) == 1 and "broken/vanilla/seed-0" in results["failed"][0]
     assert "label" in results["failed"][0]
-    assert "broken/vanilla/seed-0" in (tmp_path / "out" / "table.md").read_text()
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "broken/vanilla/seed-0" in table
+    # One seed: the mean alone, no "± 0.000" claiming a spread that was not measured.
+    accuracy = results["runs"][0]["accuracy"]
+    row = next(line for line in table.splitlines() if line.startswith("| vanilla | 1 |"))
+    assert f"| {accuracy:.3f} |" in row and "±" not in row
 
 
 def test_bad_suite_fails_before_any_run_naming_the_run(tmp_path, easy_task):

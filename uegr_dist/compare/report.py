@@ -63,6 +63,8 @@ def curve_columns(rows: list[dict[str, Any]]) -> dict[str, list[tuple[float, str
 def _fmt(cell: dict[str, float] | None, digits: int = 3) -> str:
     if not cell or cell["n"] == 0:
         return "–"
+    if cell["n"] == 1:  # one seed: there is no spread to show (a "± 0" would claim one)
+        return f"{cell['mean']:.{digits}f}"
     return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
 
 
