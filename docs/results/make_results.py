@@ -94,12 +94,12 @@ def _stats(values: list[float]) -> tuple[float, float | None]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
-def _pct(mean: float, std: float | None = None) -> str:
-    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
-
-
 def _num(mean: float, std: float | None, digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def _pct(mean: float, std: float | None = None) -> str:
+    return _num(100 * mean, None if std is None else 100 * std, 1)
 
 
 def study_tables(study: Path, task_path: str, advglue: str) -> tuple[str, dict]:

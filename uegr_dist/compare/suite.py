@@ -26,6 +26,8 @@ into another's.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ from typing import Any
 from uegr_dist.config import ConfigError, load_config
 from uegr_dist.config.loading import merge, read_yaml
 from uegr_dist.config.model_path import resolve_model_path
+from uegr_dist.data.errors import DataError
+from uegr_dist.data.preflight import check_data_inputs
 from uegr_dist.data.tasks import TASKS
 
 SUITE_KEYS = ("name", "output_dir", "base_config", "base", "methods", "tasks", "seeds", "launch", "robustness")
@@ -196,25 +200,36 @@ def load_suite(path: str | Path, output_dir: str | Path | None = None) -> Suite:
 
 
 def preflight(suite: Suite, runs: list[Run]) -> list[str]:
-    """What would make every one of `runs` fail the same way, found before the first starts (seconds, not one
-    failed training per run): a `package:` model whose package is not installed, a data file or folder, or a
-    robustness set path, that does not exist. Each problem once, naming the option and the runs it affects."""
+    """What would make runs fail the same way, found before the first starts (seconds, not one failed training per
+    run): a `package:` model whose package is not installed, what `uegr-train` checks of the data before it trains
+    (`check_data_inputs`: files, columns, task names, task_path), or a robustness set path that does not exist. Each
+    problem once, naming the runs it affects; every distinct model name and data section is checked once."""
     problems: dict[str, list[str]] = {}
+    found: dict[str, str | None] = {}  # check and its input -> its error (None: passed)
     for run in runs:
-        name = (run.config.get("model") or {}).get("name_or_path")
-        if isinstance(name, str):
-            try:
-                resolve_model_path(name)
-            except ConfigError as err:
-                problems.setdefault(str(err), []).append(run.key)
-        data = run.config.get("data") or {}
-        for key in DATA_PATH_KEYS:
-            value = data.get(key)
-            if isinstance(value, str) and not Path(value).exists():
-                problems.setdefault(f"data.{key} = {value}: no such file or folder", []).append(run.key)
+        name, data = (run.config.get("model") or {}).get("name_or_path"), run.config.get("data") or {}
+        checks = ([(resolve_model_path, name)] if isinstance(name, str) else []) + [(_check_data, data)]
+        for test, value in checks:
+            memo = f"{test.__name__}:{json.dumps(value, sort_keys=True, default=str)}"
+            if memo not in found:
+                found[memo] = _error_of(test, value)
+            if found[memo] is not None:
+                problems.setdefault(found[memo], []).append(run.key)
     if runs:
-        for name, value in suite.robustness.set_paths.items():
+        for set_name, value in suite.robustness.set_paths.items():
             if not Path(value).exists():
-                problems[f"robustness.set_paths.{name} = {value}: no such file or folder"] = [r.key for r in runs]
+                problems[f"robustness.set_paths.{set_name} = {value}: does not exist"] = [r.key for r in runs]
     every = len(runs)
     return [f"{issue} ({'every run' if len(keys) == every else ', '.join(keys)})" for issue, keys in problems.items()]
+
+
+def _check_data(data: dict[str, Any]) -> None:
+    check_data_inputs(load_config(None, {"data": data}).data)
+
+
+def _error_of(test: Callable[[Any], object], value: Any) -> str | None:
+    try:
+        test(value)
+    except (ConfigError, DataError) as err:
+        return str(err)
+    return None
