@@ -36,7 +36,26 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _predict(model_dir: Path, task: str, task_path: str, split: str, expected: float) -> np.ndarray:
-    """Per-row correctness (0/1) of a saved model on a task split, checked against uegr-eval's accuracy."""
+    """Per-row correctness (0/1) of a saved model on a task split, checked against uegr-eval's accuracy.
+
+    Kept per run in robustness/correct_<task>_<split>.json beside uegr-eval's reports and reused while it still matches
+    the saved model's weights (modification time and size) and uegr-eval's accuracy: rerunning this script after
+    more runs finished predicts only the new ones."""
+    weights = sorted(p for p in model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    stamp = [[p.name, p.stat().st_mtime_ns, p.stat().st_size] for p in weights]
+    cache = model_dir / "robustness" / f"correct_{task}_{split}.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        correct = np.array(saved.get("correct", []), float)
+        if saved.get("weights") == stamp and len(correct) and abs(correct.mean() - expected) <= 1e-9:
+            return correct
+    correct = _predict_again(model_dir, task, task_path, split, expected)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"weights": stamp, "correct": correct.astype(int).tolist()}), encoding="utf-8")
+    return correct
+
+
+def _predict_again(model_dir: Path, task: str, task_path: str, split: str, expected: float) -> np.ndarray:
     import torch
 
     from uegr_dist.robustness.config import EvalDataConfig
