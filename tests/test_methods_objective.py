@@ -596,9 +596,10 @@ def test_uegr_no_mask_preset_updates_every_coordinate(easy_task, tmp_path):
 
 def test_uegr_relative_preset_sizes_the_adversary_by_each_example(easy_task, tmp_path):
     """uegr-relative: the defaults with eps = step_size = 0.05 relative to each example's embedding norm, so every
-    example's delta has at most 5 % of its own norm, and about that (one full step from a 1 % per coordinate start)."""
+    example's delta has at most 5 % of its own norm, and about that (one full step from a 1 % per coordinate start);
+    the new classification head is always updated, as in the held-out search that chose it."""
     cfg = method_preset("uegr-relative", easy_task, tmp_path)
-    changed = {"adversary": {"relative": True, "eps": 0.05, "step_size": 0.05}}
+    changed = {"adversary": {"relative": True, "eps": 0.05, "step_size": 0.05}, "mask": {"exclude": ["classifier"]}}
     assert cfg.method == load_config(None, {"method": {"name": "uegr", **changed}}).method
     method, (logs,) = uegr_loss_logs(cfg)
     assert math.isfinite(logs["loss"]) and logs["mask_kept_fraction"] == pytest.approx(0.3, abs=0.01)
