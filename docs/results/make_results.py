@@ -170,7 +170,7 @@ def study_tables(study: Path, task_path: str, advglue: str) -> tuple[str, dict]:
     ]
     for m in methods:
         mine = [r for r in runs if r["method"] == m]
-        curve.append(f"| {m} | " + " | ".join(_pct(*_stats([r[k] for r in mine])) for k in eps_keys) + " |")
+        curve.append(f"| {m} | " + " | ".join(_pct(*_stats([r[k] for r in mine if k in r])) for k in eps_keys) + " |")
 
     # Differences to vanilla: seed-averaged per-row correctness, paired bootstrap over rows.
     diff_keys = [
