@@ -171,6 +171,13 @@ def test_shipped_suites_are_valid():
         assert str(shared / "sst2") in targets["test-clean"].data_args
         assert targets["adv_sst2"].data_args[-1] == str(shared / "advglue" / "dev.json")
     assert load_suite(root / "sst2-search-cpu.yaml").robustness.sets is False
+    # The study's uegr-relative runs are the shipped preset (the suite repeats its method section inline).
+    from uegr_dist.config import load_config
+
+    study = load_suite(root / "sst2-advglue-cpu.yaml")
+    run = next(r for r in study.runs if r.method == "uegr-relative")
+    preset = load_config(root.parent / "methods" / "uegr-relative.yaml")
+    assert load_config(None, run.config).method == preset.method
 
 
 def _sst2_copies(tmp_path, easy_task):

@@ -41,7 +41,7 @@ def _predict(model_dir: Path, task: str, task_path: str, split: str, expected: f
     Kept per run in robustness/correct_<task>_<split>.json beside uegr-eval's reports and reused while it still matches
     the saved model's weights (modification time and size) and uegr-eval's accuracy: rerunning this script after
     more runs finished predicts only the new ones."""
-    weights = sorted(p for p in model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    weights = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
     stamp = [[p.name, p.stat().st_mtime_ns, p.stat().st_size] for p in weights]
     cache = model_dir / "robustness" / f"correct_{task}_{split}.json"
     if cache.is_file():
